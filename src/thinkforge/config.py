@@ -67,6 +67,9 @@ class GenerateConfig(Section):
     batch_size: int = Field(32, ge=1, description="Prompts per engine call (hf engine).")
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     tensor_parallel_size: int = Field(1, ge=1)
+    sample_imported: bool = Field(
+        False, description="Also sample the teacher on problems that already carry a trace (import mode)."
+    )
 
 
 class FilterConfig(Section):

@@ -39,6 +39,10 @@ class RecordError(ValueError):
     """A record that cannot be used; the message names file, line and field."""
 
 
+class EmptyDataError(RuntimeError):
+    """A stage would hand an empty (or too small) data set downstream."""
+
+
 def _type_name(t: type) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}.get(t, t.__name__)
 

@@ -129,7 +129,14 @@ def builtin_source(name: str, query: dict[str, str]) -> list[dict[str, Any]]:
     if split not in ("train", "test"):
         raise RecordError(f"builtin:{name}: split must be train or test, got {split!r}")
     n = int(query.get("n", 400 if split == "train" else 60))
-    return word_problems(split, n, seed=int(query.get("seed", 0)))
+    problems = word_problems(split, n, seed=int(query.get("seed", 0)))
+    if query.get("solutions") in ("1", "true"):  # import mode: a short reference chain of thought each
+        for p in problems:
+            p["completion"] = p.pop("solution")
+    else:
+        for p in problems:
+            p.pop("solution")
+    return problems
 
 
 # --- built-in one-step word problems ---------------------------------------------------------
@@ -139,25 +146,30 @@ _ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "coins
 _BOXES = ["bags", "boxes", "baskets", "jars", "packs"]
 
 
-def _make_problem(rng: random.Random) -> tuple[str, int, str]:
+def _make_problem(rng: random.Random) -> tuple[str, int, str, str]:
+    """(problem, answer, kind, a worked solution)."""
     kind = rng.choice(["add", "sub", "mul", "combine"])
     a, b = rng.sample(_NAMES, 2)
     item = rng.choice(_ITEMS)
     if kind == "add":
         x, y = rng.randint(2, 40), rng.randint(2, 40)
         verb = rng.choice(["buys", "finds", "gets"])
-        return f"{a} has {x} {item}. {a} {verb} {y} more {item}. How many {item} does {a} have now?", x + y, kind
+        return (f"{a} has {x} {item}. {a} {verb} {y} more {item}. How many {item} does {a} have now?", x + y, kind,
+                f"{a} starts with {x} {item} and gets {y} more, so {x} + {y} = {x + y}.")
     if kind == "sub":
         x = rng.randint(10, 49)
         y = rng.randint(1, x - 1)
         verb = rng.choice(["gives away", "loses", "eats" if item == "cookies" else "sells"])
-        return f"{a} has {x} {item}. {a} {verb} {y} of them. How many {item} does {a} have left?", x - y, kind
+        return (f"{a} has {x} {item}. {a} {verb} {y} of them. How many {item} does {a} have left?", x - y, kind,
+                f"{a} starts with {x} {item} and {y} are gone, so {x} - {y} = {x - y}.")
     if kind == "mul":
         x, y = rng.randint(2, 9), rng.randint(2, 9)
         box = rng.choice(_BOXES)
-        return f"There are {x} {box} with {y} {item} in each. How many {item} are there in total?", x * y, kind
+        return (f"There are {x} {box} with {y} {item} in each. How many {item} are there in total?", x * y, kind,
+                f"There are {x} {box} of {y} {item}, so {x} * {y} = {x * y}.")
     x, y = rng.randint(2, 40), rng.randint(2, 40)
-    return f"{a} has {x} {item} and {b} has {y} {item}. How many {item} do they have together?", x + y, kind
+    return (f"{a} has {x} {item} and {b} has {y} {item}. How many {item} do they have together?", x + y, kind,
+            f"Together they have {x} + {y} = {x + y} {item}.")
 
 
 def word_problems(split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -170,7 +182,7 @@ def word_problems(split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
         attempts += 1
         if attempts > 200 * n + 1000:
             raise RecordError(f"builtin:word-problems: could not draw {n} distinct {split} problems")
-        text, answer, kind = _make_problem(rng)
+        text, answer, kind, worked = _make_problem(rng)
         digest = hashlib.sha256(text.encode()).hexdigest()
         in_test = int(digest[:8], 16) % 5 == 0
         if text in seen or in_test != (split == "test"):
@@ -183,6 +195,7 @@ def word_problems(split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
             "answer_type": "math",
             "subject": kind,
             "source": f"word-problems-{split}",
+            "solution": f"{worked}\nThe answer is \\boxed{{{answer}}}.",
         })
     return out
 

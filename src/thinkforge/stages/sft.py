@@ -1,0 +1,31 @@
+"""Stage 4, SFT: a compact high-quality subset, no packing, loss on completions only, EOS learned."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from thinkforge.config import Recipe
+from thinkforge.records import SFT_FIELDS
+from thinkforge.stages.train import TrainResult, finish, load_student, read_rows, training_args
+from thinkforge.templates import render_prompt, render_target
+
+
+def sft(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir: str | Path) -> TrainResult:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    t = cfg.sft
+    start = time.time()
+    model, tok = load_student(cfg, model_path)
+    rows = read_rows(data_path, SFT_FIELDS, "sft")
+    data = Dataset.from_dict({
+        "prompt": [render_prompt(tok, r["problem"], cfg.template) for r in rows],
+        # The end-of-turn token is part of the target, so the model learns to stop by itself.
+        "completion": [render_target(tok, r["completion"]) for r in rows],
+    })
+    args = training_args(SFTConfig, t, Path(out_dir) / "trainer", cfg.run.seed, max_length=t.max_length,
+                         packing=False, completion_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    trainer.train()
+    return finish(trainer, tok, out_dir, len(rows), start)

@@ -1,0 +1,75 @@
+"""pass@k, cons@k, standard error and the paired bootstrap against hand-computed cases."""
+
+import math
+import random
+
+import pytest
+
+from thinkforge.scoring import majority_correct, mean_se, paired_bootstrap, pass_at_k, score_samples
+
+
+def comb_pass_at_k(n, c, k):
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (4, 0, 1, 0.0), (4, 4, 1, 1.0), (4, 1, 1, 0.25), (4, 1, 4, 1.0), (4, 2, 2, 1 - 1 / 6), (5, 1, 2, 0.4),
+])
+def test_pass_at_k_hand_computed(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_pass_at_k_matches_combinatorial_formula():
+    rng = random.Random(0)
+    for _ in range(500):
+        n = rng.randint(1, 64)
+        c, k = rng.randint(0, n), rng.randint(1, n)
+        assert pass_at_k(n, c, k) == pytest.approx(comb_pass_at_k(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_needs_enough_samples():
+    with pytest.raises(ValueError, match="at least 8 samples"):
+        pass_at_k(4, 1, 8)
+
+
+def test_mean_se():
+    assert mean_se([1.0, 0.0, 1.0, 0.0]) == pytest.approx((0.5, math.sqrt((4 * 0.25 / 3) / 4)))
+    assert mean_se([0.3]) == (0.3, 0.0)
+
+
+def test_majority_vote():
+    assert majority_correct(["4", "5", "4", None], [True, False, True, False])
+    assert not majority_correct(["5", "5", "4"], [False, False, True])
+    assert not majority_correct([None, None], [False, False])
+    # A tie goes to the answer seen first.
+    assert majority_correct(["4", "5"], [True, False])
+
+
+def _samples(table):
+    return [{"problem_id": pid, "correct": ok, "extracted": ans, "num_tokens": 10, "finish_reason": fr}
+            for pid, rows in table.items() for ok, ans, fr in rows]
+
+
+def test_score_samples_hand_computed():
+    m = score_samples(_samples({
+        "a": [(True, "1", "stop"), (True, "1", "stop"), (False, "2", "length"), (False, None, "length")],
+        "b": [(False, "3", "stop"), (False, "3", "stop"), (True, "4", "stop"), (False, "5", "stop")],
+    }), ks=[1, 2, 4])
+    assert m["n_problems"] == 2 and m["k"] == 4
+    assert m["pass@1"] == pytest.approx((0.5 + 0.25) / 2)
+    assert m["pass@1_se"] == pytest.approx(math.sqrt(((0.5 - 0.375) ** 2 + (0.25 - 0.375) ** 2) / 1 / 2))
+    assert m["cons@4"] == 0.5  # a: majority "1" correct; b: majority "3" wrong
+    assert m["pass@2"] == pytest.approx((comb_pass_at_k(4, 2, 2) + comb_pass_at_k(4, 1, 2)) / 2)
+    assert m["pass@4"] == 1.0
+    assert m["truncation_rate"] == 0.25
+
+
+def test_paired_bootstrap_detects_a_real_gain_and_not_noise():
+    base = {str(i): 0.0 for i in range(40)}
+    better = {str(i): (1.0 if i % 2 else 0.25) for i in range(40)}
+    g = paired_bootstrap(base, better, samples=1000)
+    assert g["delta"] == pytest.approx(0.625) and g["ci_low"] > 0.5
+    same = paired_bootstrap(better, better, samples=1000)
+    assert same["ci_low"] == same["ci_high"] == 0.0
+    with pytest.raises(ValueError, match="no problem scored in both"):
+        paired_bootstrap({"a": 1.0}, {"b": 1.0})
