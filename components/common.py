@@ -23,11 +23,16 @@ def load_config(artifact: Any) -> Recipe:
     return validate(json.loads(Path(artifact.path).read_text()), origin=f"config artifact {artifact.path}")
 
 
-def run_stage(cfg: Recipe, stage: str, fn: Callable[[], Any]) -> Any:
-    """Run one stage function with logging; errors propagate so the KFP task fails with the message."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s run={cfg.run.name} stage={stage} %(message)s")
+def run_stage(cfg: Recipe, stage: str, fn: Callable[[Any], Any]) -> Any:
+    """Run one stage function with structured logs and its Prometheus metrics (endpoint and/or pushes,
+    per the recipe's `metrics` section); errors propagate so the KFP task fails with the message."""
+    from thinkforge.metrics import StageMetrics
+    from thinkforge.progress import configure_logging
+
+    configure_logging(cfg.run.name, stage)
     log.info("starting")
-    result = fn()
+    with StageMetrics.for_recipe(stage, cfg) as metrics:
+        result = fn(metrics)
     log.info("done")
     return result
 
@@ -62,7 +67,7 @@ def train_component(stage: str, config: Any, model: Any, data: Any, trained: Any
         metrics.log_metric("skipped", 1.0)
         return
     fn = {"midtrain": midtrain.midtrain, "sft": sft.sft, "dpo": dpo.dpo, "rl": rl.rl}[stage]
-    result = run_stage(cfg, stage, lambda: fn(cfg, model.path, data.path, trained.path))
+    result = run_stage(cfg, stage, lambda m: fn(cfg, model.path, data.path, trained.path, metrics=m))
     write_summary(summary, metrics, result)
 
 
@@ -78,7 +83,7 @@ def evaluate_component(config: Any, model: Any, label: str, results: Any, sample
         Path(samples.path).mkdir(parents=True, exist_ok=True)
         return
     work = Path(tempfile.mkdtemp(prefix=f"eval-{label}-"))
-    res = run_stage(cfg, f"evaluate-{label}", lambda: evaluate(cfg, model.path, work, label=label))
+    res = run_stage(cfg, f"evaluate-{label}", lambda m: evaluate(cfg, model.path, work, label=label, metrics=m))
     shutil.move(work / "results.json", results.path)
     shutil.move(str(work), samples.path)
     for bench, m in res["benchmarks"].items():

@@ -43,7 +43,7 @@ def generate(config: Input[Artifact], rollouts: Output[Dataset], summary: Output
     from thinkforge.stages.generate import generate as run
 
     cfg = load_config(config)
-    result = run_stage(cfg, "generate", lambda: run(cfg, rollouts.path))
+    result = run_stage(cfg, "generate", lambda m: run(cfg, rollouts.path, metrics=m))
     write_summary(summary, metrics, result)
 
 
@@ -61,7 +61,7 @@ def filter_rollouts(config: Input[Artifact], rollouts: Input[Dataset], midtrain_
 
     cfg = load_config(config)
     work = Path(tempfile.mkdtemp(prefix="filter-"))
-    result = run_stage(cfg, "filter", lambda: run(cfg, rollouts.path, work))
+    result = run_stage(cfg, "filter", lambda m: run(cfg, rollouts.path, work, metrics=m))
     for name, art in (("midtrain", midtrain_data), ("sft", sft_data), ("dpo", dpo_pairs),
                       ("rl_prompts", rl_prompts), ("verdicts", verdicts)):
         shutil.move(work / f"{name}.jsonl", art.path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,10 @@ class Completion:
 
 
 class Engine(Protocol):
-    def generate(self, problems: list[str], params: SamplingParams) -> list[list[Completion]]:
-        """`params.n` completions for each problem, in order; the engine applies the one template."""
+    def generate(self, problems: list[str], params: SamplingParams,
+                 progress: Callable[[int], None] | None = None) -> list[list[Completion]]:
+        """`params.n` completions for each problem, in order; the engine applies the one template and
+        calls `progress(k)` as k more problems finish."""
         ...
 
     def close(self) -> None: ...

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from thinkforge.config import Recipe
 from thinkforge.records import PAIR_FIELDS
-from thinkforge.stages.train import TrainResult, finish, load_student, read_rows, training_args
+from thinkforge.stages.train import TrainResult, callbacks, finish, load_student, read_rows, training_args
 from thinkforge.templates import render_prompt, render_target
 
 
-def dpo(cfg: Recipe, model_path: str | Path, pairs_path: str | Path, out_dir: str | Path) -> TrainResult:
+def dpo(cfg: Recipe, model_path: str | Path, pairs_path: str | Path, out_dir: str | Path,
+        metrics: Any = None) -> TrainResult:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -27,6 +29,7 @@ def dpo(cfg: Recipe, model_path: str | Path, pairs_path: str | Path, out_dir: st
     })
     args = training_args(DPOConfig, t, Path(out_dir) / "trainer", cfg.run.seed, max_length=t.max_length,
                          beta=t.beta, loss_type=[t.loss_type])
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data, processing_class=tok)
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data, processing_class=tok,
+                         callbacks=callbacks(metrics, model))
     trainer.train()
     return finish(trainer, tok, out_dir, len(rows), start)

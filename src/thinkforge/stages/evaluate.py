@@ -9,6 +9,8 @@ from typing import Any
 
 from thinkforge.config import Recipe
 from thinkforge.engines import SamplingParams, make_engine
+from thinkforge.metrics import StageMetrics
+from thinkforge.progress import progress
 from thinkforge.records import write_json, write_jsonl
 from thinkforge.scoring import score_samples
 from thinkforge.sources import load_problems
@@ -24,9 +26,11 @@ def score_records(records: list[dict[str, Any]], ks: list[int], mode: str) -> li
     return records
 
 
-def evaluate(cfg: Recipe, model_path: str | Path, out_dir: str | Path, label: str = "model") -> dict[str, Any]:
+def evaluate(cfg: Recipe, model_path: str | Path, out_dir: str | Path, label: str = "model",
+             metrics: StageMetrics | None = None) -> dict[str, Any]:
     """Evaluate one model on every configured benchmark; writes samples-<bench>.jsonl and results.json."""
     e = cfg.evaluate
+    m = metrics or StageMetrics.disabled("evaluate")
     out = Path(out_dir)
     start = time.time()
     engine = make_engine(e.engine, str(model_path), cfg.template, dtype=e.dtype, batch_size=e.batch_size,
@@ -41,7 +45,20 @@ def evaluate(cfg: Recipe, model_path: str | Path, out_dir: str | Path, label: st
             k = bench.k or e.k
             params = SamplingParams(n=k, temperature=e.temperature, top_p=e.top_p,
                                     max_new_tokens=e.max_new_tokens, seed=cfg.run.seed)
-            outs = engine.generate([p["problem"] for p in problems], params)
+            m.set("eval_problems_planned", len(problems), benchmark=bench.name)
+            bar = progress(len(problems), desc=f"evaluate {label} {bench.name}", unit="problem")
+            done = 0
+
+            def advance(n: int, name: str = bench.name) -> None:
+                nonlocal done
+                done += n
+                bar.update(n)
+                m.set("eval_problems_done", done, benchmark=name)
+
+            try:
+                outs = engine.generate([p["problem"] for p in problems], params, progress=advance)
+            finally:
+                bar.close()
             samples = []
             for p, comps in zip(problems, outs):
                 for i, c in enumerate(comps):
@@ -53,13 +70,16 @@ def evaluate(cfg: Recipe, model_path: str | Path, out_dir: str | Path, label: st
                     })
             score_records(samples, e.pass_k, e.extraction)
             write_jsonl(out / f"samples-{bench.name}.jsonl", samples)
-            metrics = score_samples(samples, ks=[*e.pass_k, k])
+            scores = score_samples(samples, ks=[*e.pass_k, k])
             rules: dict[str, int] = {}
             for s in samples:
                 if s["correct"]:
                     rules[s["rule"] or "none"] = rules.get(s["rule"] or "none", 0) + 1
-            metrics["correct_by_rule"] = rules
-            results["benchmarks"][bench.name] = metrics
+            scores["correct_by_rule"] = rules
+            results["benchmarks"][bench.name] = scores
+            for key, value in scores.items():
+                if key.startswith(("pass@", "cons@")) and not key.endswith("_se"):
+                    m.set("eval_accuracy", value, benchmark=bench.name, metric=key)
     finally:
         engine.close()
     results["seconds"] = time.time() - start

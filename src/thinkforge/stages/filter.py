@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from thinkforge.config import Recipe
+from thinkforge.metrics import StageMetrics
 from thinkforge.records import ROLLOUT_FIELDS, EmptyDataError, iter_jsonl, write_json, write_jsonl
 from thinkforge.verify import Verifier
 
@@ -55,8 +56,10 @@ def _reason(rec: dict[str, Any], verdict_reason: str, cfg: Recipe) -> str:
     return "correct" if verdict_reason == "correct" else "wrong_answer"
 
 
-def filter_rollouts(cfg: Recipe, rollouts_path: str | Path, out_dir: str | Path) -> FilterResult:
+def filter_rollouts(cfg: Recipe, rollouts_path: str | Path, out_dir: str | Path,
+                    metrics: StageMetrics | None = None) -> FilterResult:
     out = Path(out_dir)
+    m = metrics or StageMetrics.disabled("filter")
     rollouts = list(iter_jsonl(rollouts_path, ROLLOUT_FIELDS))
     with Verifier(mode=cfg.evaluate.extraction) as verifier:
         verdicts = verifier.verify_many([(r["answer"], r["completion"], r.get("answer_type", "math")) for r in rollouts])
@@ -73,6 +76,9 @@ def filter_rollouts(cfg: Recipe, rollouts_path: str | Path, out_dir: str | Path)
         by_problem[rec["problem_id"]].append(row)
 
     accepted = [r for r in annotated if r["correct"]]
+    m.inc("filter_kept_total", len(accepted))  # also when 0, so the series exists
+    for reason in REJECT_ORDER:
+        m.inc("filter_dropped_total", counts.get(reason, 0), reason=reason)
     if len(accepted) < cfg.filter.min_kept:
         detail = ", ".join(f"{k}={counts.get(k, 0)}" for k in ("correct", *REJECT_ORDER))
         raise EmptyDataError(

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from thinkforge.config import Recipe
 from thinkforge.records import SFT_FIELDS
-from thinkforge.stages.train import TrainResult, finish, load_student, read_rows, training_args
+from thinkforge.stages.train import TrainResult, callbacks, finish, load_student, read_rows, training_args
 from thinkforge.templates import render_prompt, render_target
 
 
-def midtrain(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir: str | Path) -> TrainResult:
+def midtrain(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir: str | Path,
+        metrics: Any = None) -> TrainResult:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -24,6 +26,7 @@ def midtrain(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir
     args = training_args(SFTConfig, t, Path(out_dir) / "trainer", cfg.run.seed, max_length=t.max_length,
                          packing=t.packing, packing_strategy="bfd", dataset_text_field="text")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                         processing_class=tok)
+                         processing_class=tok,
+                         callbacks=callbacks(metrics, model))
     trainer.train()
     return finish(trainer, tok, out_dir, len(rows), start)

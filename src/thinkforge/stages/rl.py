@@ -15,7 +15,7 @@ from typing import Any
 
 from thinkforge.config import RLConfig, Recipe
 from thinkforge.records import RL_PROMPT_FIELDS, EmptyDataError
-from thinkforge.stages.train import TrainResult, finish, load_student, read_rows, training_args
+from thinkforge.stages.train import TrainResult, callbacks, finish, load_student, read_rows, training_args
 from thinkforge.templates import render_prompt
 from thinkforge.verify import Verifier
 
@@ -91,7 +91,8 @@ def select_prompts(rows: list[dict[str, Any]], rl: RLConfig) -> list[dict[str, A
     return keep
 
 
-def rl(cfg: Recipe, model_path: str | Path, prompts_path: str | Path, out_dir: str | Path) -> TrainResult:
+def rl(cfg: Recipe, model_path: str | Path, prompts_path: str | Path, out_dir: str | Path,
+       metrics: Any = None) -> TrainResult:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -113,7 +114,7 @@ def rl(cfg: Recipe, model_path: str | Path, prompts_path: str | Path, out_dir: s
     reward = VerifierReward(cfg.evaluate.extraction)
     anneal = _temperature_callback(r)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=data,
-                          processing_class=tok, callbacks=[anneal])
+                          processing_class=tok, callbacks=[anneal, *callbacks(metrics, model)])
     anneal.trainer = trainer
     try:
         trainer.train()

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from thinkforge.config import Recipe
 from thinkforge.records import SFT_FIELDS
-from thinkforge.stages.train import TrainResult, finish, load_student, read_rows, training_args
+from thinkforge.stages.train import TrainResult, callbacks, finish, load_student, read_rows, training_args
 from thinkforge.templates import render_prompt, render_target
 
 
-def sft(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir: str | Path) -> TrainResult:
+def sft(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir: str | Path,
+        metrics: Any = None) -> TrainResult:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -26,6 +28,7 @@ def sft(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir: str
     })
     args = training_args(SFTConfig, t, Path(out_dir) / "trainer", cfg.run.seed, max_length=t.max_length,
                          packing=False, completion_only_loss=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                         callbacks=callbacks(metrics, model))
     trainer.train()
     return finish(trainer, tok, out_dir, len(rows), start)

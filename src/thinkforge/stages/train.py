@@ -78,6 +78,16 @@ def load_student(cfg: Recipe, model_path: str | Path) -> tuple[Any, Any]:
     return model, tok
 
 
+def callbacks(metrics: Any, model: Any) -> list[Any]:
+    """Trainer callbacks every stage gets: Prometheus metrics (MFU from 6 x parameters FLOPs per token)."""
+    if metrics is None:
+        return []
+    from thinkforge.metrics import MetricsCallback
+
+    n_params = sum(p.numel() for p in model.parameters())
+    return [MetricsCallback(metrics, flops_per_token=6 * n_params)]
+
+
 def finish(trainer: Any, tokenizer: Any, out_dir: str | Path, examples: int, start: float,
            metric: str = "loss", **extra: Any) -> TrainResult:
     """Save the trained model (safetensors) and summarize the run's log history."""

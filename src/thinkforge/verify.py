@@ -1,0 +1,765 @@
+"""The one answer verifier: extraction + equivalence, shared by filter, RL reward and evaluation.
+
+So that "correct" means the same thing in every stage, all of them call this module:
+
+- `extract_answer` pulls the final answer out of a completion (text after `</think>` when present):
+  the last `\\boxed{}`/`\\fbox{}`, then "the answer is ..."/"Answer: ...", then (mode "fallback"
+  only) a multiple-choice letter "(C)" or the last number in the text.
+- `is_equivalent` decides `gold == answer` with math-verify (gold wrapped in `$...$` so bare LaTeX
+  parses; `verify(gold, answer)` in that order), in-process and without a timeout.
+- `Verifier` does both for batches, with a HARD per-item timeout: the math-verify calls run in a
+  small pool of worker processes; the parent kills and replaces a worker whose item overruns, marks
+  that item "timeout" (incorrect, counted in `.timeouts`) and carries on with the rest. It works
+  from any thread (math-verify's own `signal.alarm` timeouts do not) and never uses signals in the
+  parent.
+
+Quirks of math-verify worth knowing (see the tests for the full table): a percentage equals its
+number (`10\\%` == 10 and == 0.1), `(3,4)` as gold (an open interval) accepts the set `3,4`, and
+text answers compare as products of symbols, so an anagram of a one-word `\\text{}` gold can pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from multiprocessing.connection import wait as _wait_conns
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+REASONS = ("correct", "wrong_answer", "no_answer", "unverifiable_gold", "timeout")
+RULES = ("boxed", "answer_is", "choice", "last_number")
+ANSWER_TYPES = ("math", "choice")
+MODES = ("strict", "fallback")
+
+#: extraction reads at most this many characters from the end of the final segment of a completion
+MAX_SCAN_CHARS = 65_536
+#: an extracted answer longer than this is judged wrong without parsing it (gold: unverifiable)
+MAX_ANSWER_CHARS = 2_048
+#: how many `\boxed` occurrences (from the last) are tried when the last one is unbalanced
+_MAX_BOX_TRIES = 4
+#: address-space cap of a worker process (a 10^(10^10) integer fails fast instead of eating RAM)
+WORKER_MEMORY_BYTES = 4 << 30
+#: time a new worker may take to import sympy/math-verify and warm up (not charged to any item)
+WORKER_START_TIMEOUT = 120.0
+#: batches smaller than this go to one worker as one chunk
+SMALL_BATCH = 16
+_MAX_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool
+    reason: str  # one of REASONS
+    extracted: str | None  # the answer string pulled from the completion
+    rule: str | None  # which extraction rule fired (RULES); None when no answer or a bare answer was given
+
+
+# --------------------------------------------------------------------------------------------
+# extraction (pure string work, linear time, bounded input)
+# --------------------------------------------------------------------------------------------
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_BRACE_RE = re.compile(r"\\\\|\\[{}]|[{}]")
+_BOX_BARE_RE = re.compile(r"[ \t]*([^\s${}\\]{1,64})")
+# "answer" then "is", ":" or "=" (markdown bold allowed around); the content follows on the same line
+_ANSWER_WORD_RE = re.compile(r"(?i)\banswer\b")
+_ANSWER_TAIL_RE = re.compile(
+    r"[ \t]{0,8}(?:\*\*|__)?[ \t]{0,8}(?:is\b[ \t]{0,8}(?:\*\*)?[ \t]{0,8}[:：]?|[:：=])[ \t]{0,8}(?:\*\*|__)?[ \t]{0,8}"
+    r"([^\n]{1,400})"
+)
+_LAST_NUMBER_RE = re.compile(r"(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
+_CHOICE_PAREN_RE = re.compile(r"(?<![A-Za-z\\])\(([A-D])\)")
+_CHOICE_LINE_RE = re.compile(r"(?m)^[ \t]*(?:\*\*)?[ \t]*\(?([A-D])\)?[ \t]*(?:\*\*)?[ \t]*\.?[ \t]*$")
+_CHOICE_TEXT_CMDS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|mbox)\s*\{")
+_CHOICE_LETTER_RE = re.compile(r"^\(?([A-D])\)?(?:$|[.:)\s,])")
+_CHOICE_LOWER_RE = re.compile(r"\(?([a-d])\)?\.?")
+_PROSE_RE = re.compile(r"(?<![\\{A-Za-z])[A-Za-z]{2,}[ \t]+[A-Za-z]{2,}\b")
+
+
+def _final_segment(text: str) -> str:
+    """The part of a completion that holds the final answer: after the last `</think>`, capped."""
+    i = text.rfind("</think>")
+    if i >= 0:
+        text = text[i + len("</think>"):]
+    if len(text) > MAX_SCAN_CHARS:
+        text = text[-MAX_SCAN_CHARS:]
+    return text
+
+
+def _balanced_from(text: str, open_pos: int) -> str | None:
+    """Content of the brace group that opens at text[open_pos] == '{', or None if unbalanced."""
+    depth = 0
+    for m in _BRACE_RE.finditer(text, open_pos):
+        tok = m.group()
+        if tok == "{":
+            depth += 1
+        elif tok == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_pos + 1 : m.start()]
+        # "\\" (a LaTeX line break) and escaped braces "\{" "\}" do not count
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` / `\\fbox{...}` in text (brace-balanced), else None.
+
+    `\\boxed 5` (no braces) is accepted too. When the last box is unbalanced (a truncated
+    completion) the previous one is tried, at most a few times, so the cost stays linear.
+    """
+    if not text:
+        return None
+    starts = [m.end() for m in _BOX_RE.finditer(text)]
+    for end in reversed(starts[-_MAX_BOX_TRIES:]):
+        j = end
+        n = len(text)
+        while j < n and text[j] in " \t":
+            j += 1
+        if j < n and text[j] == "{":
+            content = _balanced_from(text, j)
+            if content is not None:
+                return content.strip()
+        else:
+            m = _BOX_BARE_RE.match(text, end)
+            if m and end < n and text[end] in " \t":
+                return m.group(1)
+    return None
+
+
+def _strip_delims(s: str) -> str:
+    s = s.strip()
+    changed = True
+    while changed and s:
+        changed = False
+        for a, b in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**")):
+            if len(s) >= len(a) + len(b) and s.startswith(a) and s.endswith(b):
+                s = s[len(a) : len(s) - len(b)].strip()
+                changed = True
+                break
+    return s
+
+
+def _clean(s: str) -> str:
+    s = _strip_delims(s)
+    t = s.rstrip(" \t.,;")
+    if t.endswith("\\"):  # keep "\;" "\," spacing commands whole
+        t = s
+    return _strip_delims(t) if t else s
+
+
+def _answer_is_content(raw: str) -> str:
+    """The answer inside the rest of an "answer is ..." line."""
+    raw = raw.strip()
+    for a, b in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if raw.startswith(a):
+            k = raw.find(b, len(a))
+            if k > len(a):
+                return _clean(raw[len(a) : k])
+    # up to the end of the sentence: ". " or " (" or the end of line
+    cut = len(raw)
+    for stop in (". ", "; ", " because", " since"):
+        k = raw.find(stop)
+        if 0 <= k < cut:
+            cut = k
+    ans = _clean(raw[:cut])
+    # "5 apples" -> "5": drop trailing plain words after a leading non-word answer
+    if ans and not ans[0].isalpha():
+        m = re.search(r"(?<![\\{A-Za-z])[ \t]+[A-Za-z]{3,}\b", ans)
+        if m and m.start() > 0:
+            ans = _clean(ans[: m.start()])
+    return ans
+
+
+def _answer_is(text: str) -> str | None:
+    best = None
+    for m in _ANSWER_WORD_RE.finditer(text):
+        t = _ANSWER_TAIL_RE.match(text, m.end())
+        if t:
+            content = _answer_is_content(t.group(1))
+            if content:
+                best = content
+    return best
+
+
+def _choice_letter(s: str | None) -> str | None:
+    """'C', '(C)', '\\text{(C)}', 'C) 42', 'c.' -> 'C'; anything else -> None."""
+    if not s:
+        return None
+    s = _CHOICE_TEXT_CMDS.sub("", s[:200]).replace("}", "").replace("{", "")
+    s = _strip_delims(s).strip().strip("*").strip()
+    m = _CHOICE_LETTER_RE.match(s) or _CHOICE_LOWER_RE.fullmatch(s)  # lower case only alone: "a" is a word
+    return m.group(1).upper() if m else None
+
+
+def _last_number(text: str) -> str | None:
+    last = None
+    for m in _LAST_NUMBER_RE.finditer(text):
+        last = m
+    if last is None:
+        return None
+    return last.group().replace(",", "")
+
+
+def extract_answer(text: str, answer_type: str = "math", mode: str = "fallback") -> tuple[str | None, str | None]:
+    """Return (answer, rule) from a completion, or (None, None).
+
+    Rules, in order: "boxed" (last `\\boxed{}`), "answer_is" ("the answer is X", "Answer: X");
+    in mode "fallback" also "choice" (a last "(C)" or a line holding only a letter; choice items)
+    or "last_number" (math items). For choice items the answer is the letter A-D.
+    """
+    _check_type_mode(answer_type, mode)
+    if not text:
+        return None, None
+    seg = _final_segment(text)
+    boxed = last_boxed(seg)
+    if boxed is not None:
+        ans = _choice_letter(boxed) if answer_type == "choice" else _clean(boxed)
+        if ans:
+            return ans, "boxed"
+    said = _answer_is(seg)
+    if said:
+        ans = _choice_letter(said) if answer_type == "choice" else said
+        if ans:
+            return ans, "answer_is"
+    if mode == "strict":
+        return None, None
+    if answer_type == "choice":
+        letter = None
+        for m in _CHOICE_PAREN_RE.finditer(seg):
+            letter = m
+        line = None
+        for m in _CHOICE_LINE_RE.finditer(seg):
+            line = m
+        best = max((x for x in (letter, line) if x is not None), key=lambda x: x.start(), default=None)
+        return (best.group(1), "choice") if best else (None, None)
+    num = _last_number(seg)
+    return (num, "last_number") if num else (None, None)
+
+
+def _check_type_mode(answer_type: str, mode: str) -> None:
+    if answer_type not in ANSWER_TYPES:
+        raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _looks_like_bare_answer(text: str) -> bool:
+    """A short one-line string that is an answer rather than prose (for records that carry either)."""
+    s = text.strip()
+    return 0 < len(s) <= 120 and "\n" not in s and not _PROSE_RE.search(s)
+
+
+# --------------------------------------------------------------------------------------------
+# equivalence (math-verify; runs inside workers for untrusted input)
+# --------------------------------------------------------------------------------------------
+
+_SPACING_RE = re.compile(r"\\[,;:!> ]|\\left(?![A-Za-z])|\\right(?![A-Za-z])|\s+")
+_DEGREE_RE = re.compile(r"\^\{?\\circ\}?")
+_INT_RE = re.compile(r"[+-]?\d{1,400}")
+
+
+def _norm(s: str) -> str:
+    """Cheap normalization for the exact-match fast path (never makes unequal things equal)."""
+    s = _strip_delims(s)
+    s = _SPACING_RE.sub("", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = _DEGREE_RE.sub("", s)
+    if _INT_RE.fullmatch(s):
+        s = str(int(s))
+    return s
+
+
+def _fast_reason(gold: str | None, answer: str | None, answer_type: str) -> str | None:
+    """A verdict reachable without math-verify (cheap, bounded), else None."""
+    if gold is None or not _strip_delims(gold):
+        return "unverifiable_gold"
+    if answer is None or not answer.strip():
+        return "no_answer"
+    if answer_type == "choice":
+        g = _choice_letter(gold)
+        if g is None:
+            return "unverifiable_gold"
+        return "correct" if _choice_letter(answer) == g else "wrong_answer"
+    if len(gold) > MAX_ANSWER_CHARS:
+        return "unverifiable_gold"
+    if len(answer) > MAX_ANSWER_CHARS:
+        return "wrong_answer"
+    if _norm(gold) == _norm(answer):
+        return "correct"
+    return None
+
+
+_mv: Any = None
+
+
+def _math_verify() -> Any:
+    """Import math-verify once, with its own (signal.alarm) timeouts' warnings silenced."""
+    global _mv
+    if _mv is None:
+        import math_verify
+        import math_verify.grader
+        import math_verify.parser
+
+        # we pass timeouts of None (the caller provides the hard timeout); skip the warning about it
+        math_verify.parser.TIMEOUT_WARNING_SHOWN = True
+        math_verify.grader.TIMEOUT_WARNING_SHOWN = True
+        for name in ("math_verify", "latex2sympy2_extended"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        _mv = math_verify
+    return _mv
+
+
+def _has_expr(parsed: list) -> bool:
+    return any(not isinstance(p, str) for p in parsed)
+
+
+@lru_cache(maxsize=4096)
+def _parse_gold(gold: str) -> tuple:
+    mv = _math_verify()
+    return tuple(mv.parse(f"${_strip_delims(gold)}$", parsing_timeout=None))
+
+
+def _parse_answer(answer: str) -> list:
+    mv = _math_verify()
+    parsed = mv.parse(f"${_strip_delims(answer)}$", parsing_timeout=None)
+    if not _has_expr(parsed):
+        raw = mv.parse(answer, parsing_timeout=None)
+        if _has_expr(raw):
+            return raw
+    return parsed
+
+
+def _judge(gold: str | None, answer: str | None, answer_type: str = "math") -> str:
+    """Reason for one (gold, extracted answer) pair: correct / wrong_answer / no_answer / unverifiable_gold."""
+    fast = _fast_reason(gold, answer, answer_type)
+    if fast is not None:
+        return fast
+    assert gold is not None and answer is not None
+    gp = _parse_gold(gold)
+    if not _has_expr(list(gp)):
+        return "unverifiable_gold"
+    ap = _parse_answer(answer)
+    if not ap:
+        return "wrong_answer"
+    ok = _math_verify().verify(list(gp), ap, timeout_seconds=None)
+    return "correct" if ok else "wrong_answer"
+
+
+def is_equivalent(gold: str, answer: str, answer_type: str = "math") -> bool:
+    """True if the extracted `answer` matches `gold`. In-process and WITHOUT a timeout: use a
+    `Verifier` for untrusted answers (an answer like `10^{10^{10^{10}}}` can run for ever)."""
+    _check_type_mode(answer_type, "fallback")
+    try:
+        return _judge(gold, answer, answer_type) == "correct"
+    except Exception:  # noqa: BLE001 - a comparison that crashes is not a match
+        log.debug("comparison failed", exc_info=True)
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# worker process
+# --------------------------------------------------------------------------------------------
+
+
+class _SoftTimeout(BaseException):
+    """Raised by the worker's own interval timer (a BaseException so math-verify cannot swallow it)."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise _SoftTimeout()
+
+
+def _worker_main(conn: Any, timeout: float, memory_bytes: int | None) -> None:
+    """Loop: receive a chunk [(idx, gold, answer, answer_type), ...], send (idx, reason) per item."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    if sys.platform.startswith("linux"):
+        try:  # die with the process that forked us (the forkserver, which dies with the parent)
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except Exception:  # noqa: BLE001
+            pass
+    if memory_bytes:
+        try:
+            import resource
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+            cap = memory_bytes if hard == resource.RLIM_INFINITY else min(memory_bytes, hard)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+        except (ImportError, ValueError, OSError):
+            pass
+    signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        _judge("\\frac{1}{2}", "0.5")  # import and warm up sympy/latex2sympy before saying ready
+    except Exception:  # noqa: BLE001
+        pass
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            chunk = conn.recv()
+        except (EOFError, OSError):
+            return
+        if chunk is None:
+            return
+        for idx, gold, answer, answer_type in chunk:
+            try:
+                signal.setitimer(signal.ITIMER_REAL, timeout)
+                try:
+                    reason = _judge(gold, answer, answer_type)
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            except _SoftTimeout:
+                reason = "timeout"
+            except MemoryError:
+                reason = "wrong_answer"
+            except Exception:  # noqa: BLE001 - a comparison that crashes is not a match
+                reason = "wrong_answer"
+            try:
+                conn.send((idx, reason))
+            except (BrokenPipeError, OSError):
+                return
+
+
+def _mp_context() -> Any:
+    methods = mp.get_all_start_methods()
+    if "forkserver" in methods:
+        ctx = mp.get_context("forkserver")
+        try:  # workers fork from a server that has already imported math-verify: fast restarts
+            ctx.set_forkserver_preload(["thinkforge.verify", "math_verify"])
+        except Exception:  # noqa: BLE001
+            pass
+        return ctx
+    return mp.get_context("spawn")
+
+
+class _Worker:
+    def __init__(self, ctx: Any, timeout: float, memory_bytes: int | None) -> None:
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(
+            target=_worker_main, args=(child, timeout, memory_bytes), name="thinkforge-verify", daemon=True
+        )
+        self.proc.start()
+        child.close()
+        self.ready = False
+        self.started_at = time.monotonic()
+        self.inflight: deque = deque()  # items sent, not yet answered; inflight[0] is running
+        self.deadline = math.inf
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+        except Exception:  # noqa: BLE001
+            pass
+        self.proc.join(timeout=5)
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def stop(self, wait: float = 0.5) -> None:
+        try:
+            if self.proc.is_alive() and not self.inflight:
+                self.conn.send(None)
+                self.proc.join(timeout=wait)
+        except Exception:  # noqa: BLE001
+            pass
+        if self.proc.is_alive():
+            self.kill()
+        else:
+            self.proc.join(timeout=1)
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _stop_all(workers: list[_Worker]) -> None:
+    while workers:
+        workers.pop().stop()
+
+
+# --------------------------------------------------------------------------------------------
+# the Verifier
+# --------------------------------------------------------------------------------------------
+
+
+class Verifier:
+    """Batch verifier with a hard per-item timeout, safe to call from any thread.
+
+    `workers` processes (default: the usable CPU count; 0 means one worker, no parallelism) start
+    on first use and are reused until `close()`. Concurrent calls from several threads are
+    serialized; each call spreads its items over all workers. A worker that overruns an item by
+    `timeout` (plus a small grace) is killed and replaced; that item becomes reason "timeout".
+    """
+
+    def __init__(self, workers: int | None = None, timeout: float = 5.0, mode: str = "fallback"):
+        _check_type_mode("math", mode)
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if workers is None:
+            try:
+                workers = len(os.sched_getaffinity(0))
+            except AttributeError:
+                workers = os.cpu_count() or 1
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.workers = workers
+        self.timeout = float(timeout)
+        self.mode = mode
+        self.timeouts = 0
+        self._size = max(1, workers)
+        # the worker's own timer fires at `timeout`; the parent kills at `timeout + grace`
+        self._grace = min(1.0, max(0.25, 0.1 * self.timeout))
+        self._lock = threading.RLock()
+        self._pool: list[_Worker] = []
+        self._closed = False
+        self._ctx: Any = None
+        self._finalizer = weakref.finalize(self, _stop_all, self._pool)
+
+    # -- pickling: a reward object that holds a Verifier must survive being pickled -----------
+    def __getstate__(self) -> dict:
+        return {"workers": self.workers, "timeout": self.timeout, "mode": self.mode}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def __enter__(self) -> Verifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers. The Verifier can still be used: workers restart on demand."""
+        with self._lock:
+            _stop_all(self._pool)
+
+    def __repr__(self) -> str:
+        return f"Verifier(workers={self.workers}, timeout={self.timeout}, mode={self.mode!r}, live={len(self._pool)})"
+
+    # -- public API ---------------------------------------------------------------------------
+    def verify(self, gold: str, completion: str, answer_type: str = "math") -> Verdict:
+        return self.verify_many([(gold, completion, answer_type)])[0]
+
+    def verify_many(self, items: Sequence[tuple[str, str, str]]) -> list[Verdict]:
+        """Verdicts for (gold, completion, answer_type) items, in order."""
+        prepared = []
+        for item in items:
+            if len(item) == 2:  # (gold, completion): a math item
+                (gold, completion), answer_type = item, "math"
+            else:
+                gold, completion, answer_type = item
+            _check_type_mode(answer_type, self.mode)
+            if isinstance(completion, str) and completion:
+                answer, rule = extract_answer(completion, answer_type, self.mode)
+            else:
+                answer, rule = None, None
+            prepared.append((_as_gold(gold), answer, rule, answer_type))
+        return self._judge_prepared(prepared)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _judge_prepared(self, prepared: list[tuple[str | None, str | None, str | None, str]]) -> list[Verdict]:
+        reasons: list[str | None] = [None] * len(prepared)
+        jobs = []
+        for i, (gold, answer, _rule, answer_type) in enumerate(prepared):
+            fast = _fast_reason(gold, answer, answer_type)
+            if fast is None:
+                jobs.append((i, gold, answer, answer_type))
+            else:
+                reasons[i] = fast
+        if jobs:
+            for i, reason in self._run(jobs).items():
+                reasons[i] = reason
+        out = []
+        for (_gold, answer, rule, _t), reason in zip(prepared, reasons):
+            assert reason in REASONS, reason
+            out.append(Verdict(correct=reason == "correct", reason=reason, extracted=answer, rule=rule))
+        return out
+
+    def _spawn(self) -> _Worker:
+        if self._ctx is None:
+            self._ctx = _mp_context()
+        w = _Worker(self._ctx, self.timeout, WORKER_MEMORY_BYTES)
+        self._pool.append(w)
+        return w
+
+    def _retire(self, w: _Worker) -> None:
+        w.kill()
+        if w in self._pool:
+            self._pool.remove(w)
+
+    def _run(self, jobs: list[tuple]) -> dict[int, str]:
+        with self._lock:
+            return self._run_locked(jobs)
+
+    def _run_locked(self, jobs: list[tuple]) -> dict[int, str]:
+        n = len(jobs)
+        if n < SMALL_BATCH:
+            chunk = n
+        else:
+            chunk = max(1, min(_MAX_CHUNK, math.ceil(n / (4 * self._size))))
+        pending: deque[list] = deque(jobs[i : i + chunk] for i in range(0, n, chunk))
+        want = min(self._size, len(pending))
+        # drop workers that died while idle; start what this batch needs
+        for w in list(self._pool):
+            if not w.proc.is_alive():
+                self._retire(w)
+        while len(self._pool) < want:
+            self._spawn()
+        results: dict[int, str] = {}
+        hard = self.timeout + self._grace
+
+        def assign(w: _Worker) -> None:
+            if pending and w.ready and not w.inflight:
+                part = pending.popleft()
+                w.inflight.extend(part)
+                w.deadline = time.monotonic() + hard
+                try:
+                    w.conn.send(part)
+                except (BrokenPipeError, OSError):
+                    lost(w, crashed=True)
+
+        def lost(w: _Worker, crashed: bool) -> None:
+            """Worker w is gone (killed for overrunning, or crashed): fail its running item, requeue the rest."""
+            if w.inflight:
+                idx = w.inflight.popleft()[0]
+                results[idx] = "timeout"
+                self.timeouts += 1
+                if crashed:
+                    log.warning("verifier worker %s died on an item; marked 'timeout'", w.proc.pid)
+                if w.inflight:
+                    pending.appendleft(list(w.inflight))
+                w.inflight.clear()
+            self._retire(w)
+            if pending and len(self._pool) < want:
+                self._spawn()
+
+        for w in list(self._pool):
+            assign(w)
+        while len(results) < n:
+            now = time.monotonic()
+            conns = {}
+            soonest = math.inf
+            for w in self._pool:
+                if not w.ready:
+                    conns[w.conn] = w
+                    soonest = min(soonest, w.started_at + WORKER_START_TIMEOUT)
+                elif w.inflight:
+                    conns[w.conn] = w
+                    soonest = min(soonest, w.deadline)
+            if not conns:  # every worker was lost and none restarted (should not happen)
+                if not pending:
+                    break
+                self._spawn()
+                continue
+            ready = _wait_conns(list(conns), timeout=max(0.0, soonest - now) if soonest < math.inf else None)
+            for conn in ready:
+                w = conns[conn]
+                try:
+                    while conn.poll():
+                        msg = conn.recv()
+                        if not w.ready:
+                            w.ready = True
+                            continue
+                        idx, reason = msg
+                        head = w.inflight.popleft()
+                        if head[0] != idx:  # protocol error: should never happen
+                            raise RuntimeError(f"verifier worker answered item {idx}, expected {head[0]}")
+                        results[idx] = reason
+                        if reason == "timeout":
+                            self.timeouts += 1
+                        w.deadline = time.monotonic() + hard
+                except (EOFError, OSError):
+                    lost(w, crashed=True)
+                    continue
+                if w.ready and not w.inflight:
+                    assign(w)
+            now = time.monotonic()
+            for w in list(self._pool):
+                if not w.ready and now > w.started_at + WORKER_START_TIMEOUT:
+                    self._retire(w)
+                    raise RuntimeError(f"a verifier worker did not start within {WORKER_START_TIMEOUT:.0f} s")
+                if w.ready and w.inflight and now >= w.deadline:
+                    lost(w, crashed=False)
+            for w in list(self._pool):
+                assign(w)
+        return results
+
+
+def _as_gold(gold: Any) -> str | None:
+    if gold is None or isinstance(gold, bool):
+        return None
+    if isinstance(gold, float) and gold.is_integer():
+        return str(int(gold))
+    return str(gold)
+
+
+# --------------------------------------------------------------------------------------------
+# `thinkforge verify FILE`
+# --------------------------------------------------------------------------------------------
+
+
+def verify_file(in_path: str | Path, out_path: str | Path, mode: str = "fallback", timeout: float = 5.0) -> dict:
+    """Verify a JSONL file of records with `gold` and `answer` (a bare final answer or a whole
+    completion; optional `answer_type` "math"/"choice"). Writes each record back with `correct`,
+    `reason`, `extracted`, `rule`; returns counts per reason (every reason present, zeros too).
+
+    A bare answer (a short line that is not prose, e.g. `\\frac{1}{2}` or `C`) is compared as
+    given (rule None) unless it holds a `\\boxed{}` or "the answer is"; anything else goes through
+    `extract_answer` with `mode`. Bad lines raise RecordError naming `file:line`.
+    """
+    from thinkforge.records import RecordError, iter_jsonl_numbered, write_jsonl
+
+    _check_type_mode("math", mode)
+    records: list[dict] = []
+    prepared = []
+    for lineno, rec in iter_jsonl_numbered(in_path):
+        where = f"{in_path}:{lineno}"
+        if not isinstance(rec, dict):
+            raise RecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        gold = rec.get("gold")
+        if gold is None:
+            raise RecordError(f"{where}: missing field 'gold' (expected a string)")
+        if not isinstance(gold, (str, int, float)) or isinstance(gold, bool):
+            raise RecordError(f"{where}: field 'gold' is {type(gold).__name__}, expected a string")
+        answer = rec.get("answer")
+        if answer is None:
+            raise RecordError(f"{where}: missing field 'answer' (expected a string)")
+        if not isinstance(answer, str):
+            raise RecordError(f"{where}: field 'answer' is {type(answer).__name__}, expected a string")
+        answer_type = rec.get("answer_type", "math")
+        if answer_type not in ANSWER_TYPES:
+            raise RecordError(f"{where}: field 'answer_type' is {answer_type!r}, expected one of {list(ANSWER_TYPES)}")
+        extracted, rule = extract_answer(answer, answer_type, "strict")
+        if extracted is None:
+            if _looks_like_bare_answer(_final_segment(answer)):
+                seg = _final_segment(answer)
+                extracted = _choice_letter(seg) if answer_type == "choice" else _clean(seg)
+                rule = None
+            elif mode == "fallback":
+                extracted, rule = extract_answer(answer, answer_type, mode)
+        records.append(rec)
+        prepared.append((_as_gold(gold), extracted, rule, answer_type))
+    with Verifier(timeout=timeout, mode=mode) as verifier:
+        verdicts = verifier._judge_prepared(prepared)
+    counts = Counter({r: 0 for r in REASONS})
+    out = []
+    for rec, v in zip(records, verdicts):
+        counts[v.reason] += 1
+        out.append({**rec, "correct": v.correct, "reason": v.reason, "extracted": v.extracted, "rule": v.rule})
+    write_jsonl(out_path, out)
+    return dict(counts)

@@ -1,0 +1,107 @@
+"""The DAG: the real KFP compiler's IR, and whole runs through the real kfp.local runner."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from thinkforge.config import flatten, load_recipe
+from thinkforge.pipelines.training import compile_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["generate", "filter-rollouts", "midtrain", "sft", "dpo", "rl", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def ir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
+    compile_pipeline(load_recipe(ROOT / "recipes" / "cpu-demo.yaml"), out)
+    return yaml.safe_load(out.read_text())
+
+
+def _artifact_types(component, direction):
+    defs = component.get(f"{direction}Definitions", {}).get("artifacts", {})
+    return {name: d["artifactType"]["schemaTitle"] for name, d in defs.items()}
+
+
+def test_seven_stage_components_with_typed_artifacts(ir):
+    comps = ir["components"]
+    for stage in STAGES:
+        assert f"comp-{stage}" in comps, stage
+    assert _artifact_types(comps["comp-generate"], "output")["rollouts"] == "system.Dataset"
+    assert _artifact_types(comps["comp-filter-rollouts"], "input")["rollouts"] == "system.Dataset"
+    flt_out = _artifact_types(comps["comp-filter-rollouts"], "output")
+    assert {flt_out[k] for k in ("midtrain_data", "sft_data", "dpo_pairs", "rl_prompts")} == {"system.Dataset"}
+    assert flt_out["filter_report"] == "system.HTML"
+    for stage in ("midtrain", "sft", "dpo", "rl"):
+        ins, outs = _artifact_types(comps[f"comp-{stage}"], "input"), _artifact_types(comps[f"comp-{stage}"], "output")
+        assert ins["model"] == "system.Model" and ins["data"] == "system.Dataset"
+        assert outs["trained"] == "system.Model" and outs["metrics"] == "system.Metrics"
+    assert _artifact_types(comps["comp-evaluate"], "output")["metrics"] == "system.Metrics"
+    rep = _artifact_types(comps["comp-report"], "output")
+    assert rep["report_md"] == "system.Markdown" and rep["report_html"] == "system.HTML"
+
+
+def test_stages_are_wired_in_recipe_order(ir):
+    tasks = ir["root"]["dag"]["tasks"]
+
+    def producer(task, artifact):
+        return tasks[task]["inputs"]["artifacts"][artifact]["taskOutputArtifact"]["producerTask"]
+
+    assert producer("filter-rollouts", "rollouts") == "generate"
+    assert producer("midtrain", "data") == "filter-rollouts" and producer("midtrain", "model") == "prepare-model"
+    assert producer("sft", "model") == "midtrain"
+    assert producer("dpo", "model") == "sft"
+    assert producer("rl", "model") == "dpo"
+    assert producer("evaluate-2", "model") == "rl"
+    assert producer("evaluate", "model") == "prepare-model"
+
+
+def test_every_recipe_field_is_a_pipeline_parameter(ir):
+    recipe = load_recipe(ROOT / "recipes" / "cpu-demo.yaml")
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    flat = flatten(recipe)
+    assert set(params) == set(flat)
+    assert params["rl__max_steps"]["defaultValue"] == 30
+    assert params["template__think"]["defaultValue"] is False
+    assert params["evaluate__benchmarks"]["parameterType"] == "LIST"
+
+
+def _run(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "thinkforge.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.e2e
+def test_smoke_dag_runs_locally_end_to_end(tmp_path):
+    proc = _run("run", "--recipe", "recipes/smoke.yaml", "--pipeline-root", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "# thinkforge report: smoke" in out and "| word-problems | 8 |" in out
+    report = Path(out.split("report (Markdown): ")[1].split()[0])
+    assert report.exists() and "## Stages" in report.read_text()
+    for stage in ("generate", "filter-rollouts", "midtrain", "sft", "dpo", "rl", "evaluate", "evaluate-2"):
+        assert any(tmp_path.glob(f"*/{stage}")), stage
+
+
+@pytest.mark.e2e
+def test_filter_keeping_nothing_stops_the_run_before_training(tmp_path):
+    proc = _run("run", "--recipe", "recipes/smoke.yaml", "--pipeline-root", str(tmp_path),
+                "--set", "data.train=builtin:word-problems?split=train&n=4",
+                "--set", "generate.sample_imported=false")
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "filter kept 0 of 8 rollouts" in log and "counts per reason:" in log
+    assert any(tmp_path.glob("*/generate")) and not any(tmp_path.glob("*/midtrain"))
+
+
+def test_malformed_training_source_names_file_and_line(tmp_path):
+    bad = tmp_path / "problems.jsonl"
+    bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?", "answer": \n')
+    proc = _run("run", "--recipe", "recipes/smoke.yaml", "--pipeline-root", str(tmp_path / "root"),
+                "--set", f"data.train={bad}")
+    assert proc.returncode != 0
+    assert f"{bad}:2: malformed JSON" in proc.stdout + proc.stderr
+    assert not any((tmp_path / "root").glob("*/filter-rollouts"))
