@@ -19,7 +19,7 @@ from thinkforge.components.stages import build
 from thinkforge.config import Recipe, flatten
 
 PIPELINE_NAME = "thinkforge"
-DEFAULT_IMAGE = os.environ.get("THINKFORGE_IMAGE", "ghcr.io/thinkforge/thinkforge-cpu:0.1.0")
+DEFAULT_IMAGE = os.environ.get("THINKFORGE_IMAGE", "ghcr.io/thinkforge/thinkforge:0.1.0-cpu")
 
 
 def _annotation(value: Any) -> type:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from thinkforge.cluster import ClusterError, add_cli
 from thinkforge.config import ConfigError, Recipe, flatten, load_recipe, parse_set_flags
 from thinkforge.records import EmptyDataError, RecordError
 
@@ -137,18 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the metrics as JSON here")
     p.set_defaults(func=cmd_score)
 
-    try:
-        from thinkforge.cluster import add_cli
-    except ImportError:
-        add_cli = None
-    if add_cli is not None:
-        add_cli(sub)
+    add_cli(sub)  # upload, submit, schedule against a KFP server
 
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
-    except (ConfigError, RecordError, EmptyDataError) as e:
+    except (ConfigError, RecordError, EmptyDataError, ClusterError) as e:
         print(f"thinkforge: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a failed KFP task: its own log above says why

@@ -77,8 +77,20 @@ def in_cluster_host(namespace: str) -> str:
     return f"http://ml-pipeline.{namespace}.svc.cluster.local:8888"
 
 
-def client(host: str | None = None, namespace: str = DEFAULT_NAMESPACE, kube_context: str | None = None) -> kfp.Client:
-    """A `kfp.Client` for `host`, the in-cluster service, or a kube-context (see the module docstring)."""
+def client(host: str | None = None, namespace: str = DEFAULT_NAMESPACE, kube_context: str | None = None,
+           user_namespace: str | None = None) -> kfp.Client:
+    """A `kfp.Client` for `host`, the in-cluster service, or a kube-context (see the module docstring).
+
+    `namespace` is where KFP itself runs; `user_namespace` is the profile namespace that owns
+    experiments and runs in multi-user KFP (leave it empty in single-user KFP).
+    """
+    kc = _connect(host, namespace, kube_context)
+    if user_namespace:
+        kc.set_user_namespace(user_namespace)  # also saved to ~/.config/kfp/context.json, as kfp does
+    return kc
+
+
+def _connect(host: str | None, namespace: str, kube_context: str | None) -> kfp.Client:
     import kfp
 
     namespace = namespace or DEFAULT_NAMESPACE
@@ -357,6 +369,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT"), help="KFP API URL, e.g. http://localhost:8888 (in a pod: the in-cluster service)")
     g.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="namespace of Kubeflow Pipelines (default: kubeflow)")
     g.add_argument("--kube-context", default=None, help="reach KFP through this kubeconfig context's API server proxy")
+    g.add_argument("--user-namespace", default=None, help="multi-user KFP: the profile namespace that owns experiments and runs")
     g = p.add_argument_group("pipeline")
     g.add_argument("--recipe", help="recipe YAML; compiled when --package is absent")
     g.add_argument("--package", help="compiled pipeline YAML (thinkforge compile --recipe R --out pipeline.yaml)")
@@ -456,38 +469,47 @@ def _content_version(path: str) -> str:
 
 
 def _client(args: argparse.Namespace) -> kfp.Client:
-    return client(args.host, args.namespace, args.kube_context)
+    return client(args.host, args.namespace, args.kube_context, args.user_namespace)
 
 
 def _emit(**ids: str) -> None:
     print(json.dumps(ids, sort_keys=True))
 
 
-def _upload_from_args(args: argparse.Namespace, kc: kfp.Client) -> tuple[str, str]:
-    with tempfile.TemporaryDirectory(prefix="thinkforge-") as tmp:
-        package, _ = _package(args, tmp)
-        return upload(kc, package, args.pipeline_name, args.version or _content_version(package), args.description)
+def _run_source(args: argparse.Namespace, workdir: str) -> tuple[str | None, dict[str, Any]]:
+    """(compiled package, or None for --pipeline-id/--version-id; the run's parameters)."""
+    if args.pipeline_id or args.version_id:
+        if not (args.pipeline_id and args.version_id):
+            raise ClusterError("--pipeline-id and --version-id go together")
+        return None, run_params(args, full=bool(args.recipe))
+    package, compiled = _package(args, workdir)
+    params = run_params(args, full=bool(args.recipe) and not compiled)
+    check_params(package, params)
+    return package, params
+
+
+def _upload_package(args: argparse.Namespace, kc: kfp.Client, package: str) -> tuple[str, str]:
+    return upload(kc, package, args.pipeline_name, args.version or _content_version(package), args.description)
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    pipeline_id, version_id = _upload_from_args(args, _client(args))
+    kc = _client(args)
+    with tempfile.TemporaryDirectory(prefix="thinkforge-") as tmp:
+        package, _ = _package(args, tmp)
+        pipeline_id, version_id = _upload_package(args, kc, package)
     _emit(pipeline_id=pipeline_id, version_id=version_id)
     return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     kc = _client(args)
-    common = {"experiment": args.experiment, "run_name": args.run_name, "pipeline_root": args.pipeline_root, "service_account": args.service_account}
-    if args.pipeline_id or args.version_id:
-        if not (args.pipeline_id and args.version_id):
-            raise ClusterError("--pipeline-id and --version-id go together")
-        run_id = submit(kc, pipeline_id=args.pipeline_id, version_id=args.version_id, params=run_params(args, full=bool(args.recipe)), **common)
-    else:
-        with tempfile.TemporaryDirectory(prefix="thinkforge-") as tmp:
-            package, compiled = _package(args, tmp)
-            params = run_params(args, full=bool(args.recipe) and not compiled)
-            check_params(package, params)
-            run_id = submit(kc, package, params=params, **common)
+    with tempfile.TemporaryDirectory(prefix="thinkforge-") as tmp:
+        package, params = _run_source(args, tmp)
+        run_id = submit(
+            kc, package, pipeline_id=None if package else args.pipeline_id, version_id=None if package else args.version_id,
+            params=params, experiment=args.experiment, run_name=args.run_name, pipeline_root=args.pipeline_root,
+            service_account=args.service_account,
+        )
     _emit(run_id=run_id)
     return 0
 
@@ -495,17 +517,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_schedule(args: argparse.Namespace) -> int:
     validate_cron(args.cron)  # before any network traffic
     kc = _client(args)
-    if args.pipeline_id or args.version_id:
-        if not (args.pipeline_id and args.version_id):
-            raise ClusterError("--pipeline-id and --version-id go together")
-        pipeline_id, version_id = args.pipeline_id, args.version_id
-        params = run_params(args, full=bool(args.recipe))
-    else:
-        with tempfile.TemporaryDirectory(prefix="thinkforge-") as tmp:
-            package, compiled = _package(args, tmp)
-            params = run_params(args, full=bool(args.recipe) and not compiled)
-            check_params(package, params)
-            pipeline_id, version_id = upload(kc, package, args.pipeline_name, args.version or _content_version(package), args.description)
+    with tempfile.TemporaryDirectory(prefix="thinkforge-") as tmp:
+        package, params = _run_source(args, tmp)
+        pipeline_id, version_id = _upload_package(args, kc, package) if package else (args.pipeline_id, args.version_id)
     rr_id = schedule(
         kc, pipeline_id, version_id, args.cron, params=params, experiment=args.experiment,
         job_name=args.job_name or f"{args.pipeline_name}-schedule", max_concurrency=args.max_concurrency,
