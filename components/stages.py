@@ -12,19 +12,6 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 
-def configure(params: dict, config: Output[Artifact]):
-    """Validate the pipeline parameters as one recipe; every stage reads this artifact."""
-    import json
-
-    from thinkforge.config import unflatten, validate
-
-    recipe = validate(unflatten(params), origin="pipeline parameters")
-    with open(config.path, "w") as fh:
-        json.dump(recipe.model_dump(), fh, indent=2)
-    config.metadata["digest"] = recipe.digest()
-    config.metadata["run"] = recipe.run.name
-
-
 def prepare_model(config: Input[Artifact], model: Output[Model]):
     """Materialize the student (hub name, URI or built-in) as a safetensors model artifact."""
     from thinkforge.components.common import load_config
@@ -125,7 +112,11 @@ def report(config: Input[Artifact], base_results: Input[Artifact], final_results
 STAGES = ("generate", "filter_rollouts", "midtrain", "sft", "dpo", "rl", "evaluate")
 
 
-def build(image: str) -> SimpleNamespace:
-    """The components on `image` (the thinkforge CPU or CUDA image)."""
-    fns = (configure, prepare_model, generate, filter_rollouts, midtrain, sft, dpo, rl, evaluate, report)
+def build(image: str, parameters: dict) -> SimpleNamespace:
+    """The components on `image` (the thinkforge CPU or CUDA image); `parameters` are the flattened
+    recipe fields the `configure` component takes one by one."""
+    from thinkforge.components.configure import configure_function
+
+    fns = (configure_function(parameters), prepare_model, generate, filter_rollouts, midtrain, sft, dpo, rl,
+           evaluate, report)
     return SimpleNamespace(**{f.__name__: dsl.component(base_image=image)(f) for f in fns})

@@ -1,8 +1,8 @@
 """The thinkforge DAG: generate -> filter -> mid-train -> SFT -> DPO -> RL -> evaluate -> report.
 
 Every recipe field is a pipeline parameter named `<section>__<field>`, defaulting to the recipe's value,
-so a run submitted from the KFP UI can set any of them; the `configure` task validates them as one
-recipe and every stage reads that artifact. Stages switched off (`<stage>__enabled=false`) pass their
+so a run submitted from the KFP UI can set any of them; the `configure` task takes each as a typed
+input, validates them as one recipe and every stage reads that artifact. Stages switched off (`<stage>__enabled=false`) pass their
 input model through by reference.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 
 from kfp import compiler, dsl
 
+from thinkforge.components.configure import parameter_type
 from thinkforge.components.stages import build
 from thinkforge.config import Recipe, flatten
 
@@ -22,21 +23,14 @@ PIPELINE_NAME = "thinkforge"
 DEFAULT_IMAGE = os.environ.get("THINKFORGE_IMAGE", "ghcr.io/thinkforge/thinkforge:0.1.0-cpu")
 
 
-def _annotation(value: Any) -> type:
-    for t in (bool, int, float, str, list, dict):
-        if isinstance(value, t):
-            return t
-    raise TypeError(f"unsupported parameter value {value!r}")
-
-
 def build_pipeline(recipe: Recipe, image: str = DEFAULT_IMAGE):
     """The DAG as a KFP pipeline whose parameters default to `recipe`'s values."""
-    c = build(image)
     defaults = flatten(recipe)
+    c = build(image, defaults)
 
     def thinkforge(*args: Any, **kwargs: Any):
         params = {**dict(zip(defaults, args)), **kwargs}  # KFP passes the parameters positionally
-        cfg = c.configure(params=params).set_display_name("configure").outputs["config"]
+        cfg = c.configure(**params).set_display_name("configure").outputs["config"]
         base = c.prepare_model(config=cfg).set_display_name("prepare student").outputs["model"]
 
         gen = c.generate(config=cfg).set_display_name("1 generate")
@@ -58,11 +52,11 @@ def build_pipeline(recipe: Recipe, image: str = DEFAULT_IMAGE):
         return rep.outputs["report_md"]
 
     thinkforge.__signature__ = inspect.Signature(
-        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value, annotation=_annotation(value))
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value, annotation=parameter_type(value))
          for name, value in defaults.items()],
         return_annotation=dsl.Markdown,
     )
-    thinkforge.__annotations__ = {**{n: _annotation(v) for n, v in defaults.items()}, "return": dsl.Markdown}
+    thinkforge.__annotations__ = {**{n: parameter_type(v) for n, v in defaults.items()}, "return": dsl.Markdown}
     return dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n", 1)[0])(thinkforge)
 
 
