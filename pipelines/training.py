@@ -17,38 +17,42 @@ from kfp import compiler, dsl
 
 from thinkforge.components.configure import parameter_type
 from thinkforge.components.stages import build
+from thinkforge.pipelines.placement import place
 from thinkforge.config import Recipe, flatten
 
 PIPELINE_NAME = "thinkforge"
 DEFAULT_IMAGE = os.environ.get("THINKFORGE_IMAGE", "ghcr.io/thinkforge/thinkforge:0.1.0-cpu")
 
 
-def build_pipeline(recipe: Recipe, image: str = DEFAULT_IMAGE):
-    """The DAG as a KFP pipeline whose parameters default to `recipe`'s values."""
+def build_pipeline(recipe: Recipe, image: str = ""):
+    """The DAG as a KFP pipeline whose parameters default to `recipe`'s values; each task placed on the
+    cluster per `recipe.cluster`."""
     defaults = flatten(recipe)
-    c = build(image, defaults)
+    c = build(image or recipe.cluster.image or DEFAULT_IMAGE, defaults)
+
+    def task(component, stage: str, name: str, **inputs):
+        return place(component(**inputs), stage, recipe.cluster).set_display_name(name)
 
     def thinkforge(*args: Any, **kwargs: Any):
         params = {**dict(zip(defaults, args)), **kwargs}  # KFP passes the parameters positionally
-        cfg = c.configure(**params).set_display_name("configure").outputs["config"]
-        base = c.prepare_model(config=cfg).set_display_name("prepare student").outputs["model"]
+        cfg = task(c.configure, "configure", "configure", **params).outputs["config"]
+        base = task(c.prepare_model, "prepare", "prepare student", config=cfg).outputs["model"]
 
-        gen = c.generate(config=cfg).set_display_name("1 generate")
-        flt = c.filter_rollouts(config=cfg, rollouts=gen.outputs["rollouts"]).set_display_name("2 filter")
-        mid = c.midtrain(config=cfg, model=base, data=flt.outputs["midtrain_data"]).set_display_name("3 mid-train")
-        sft = c.sft(config=cfg, model=mid.outputs["trained"], data=flt.outputs["sft_data"]).set_display_name("4 SFT")
-        dpo = c.dpo(config=cfg, model=sft.outputs["trained"], data=flt.outputs["dpo_pairs"]).set_display_name("5 DPO")
-        rl = c.rl(config=cfg, model=dpo.outputs["trained"], data=flt.outputs["rl_prompts"]).set_display_name("6 RL")
+        gen = task(c.generate, "generate", "1 generate", config=cfg)
+        flt = task(c.filter_rollouts, "filter", "2 filter", config=cfg, rollouts=gen.outputs["rollouts"])
+        mid = task(c.midtrain, "midtrain", "3 mid-train", config=cfg, model=base, data=flt.outputs["midtrain_data"])
+        sft = task(c.sft, "sft", "4 SFT", config=cfg, model=mid.outputs["trained"], data=flt.outputs["sft_data"])
+        dpo = task(c.dpo, "dpo", "5 DPO", config=cfg, model=sft.outputs["trained"], data=flt.outputs["dpo_pairs"])
+        rl = task(c.rl, "rl", "6 RL", config=cfg, model=dpo.outputs["trained"], data=flt.outputs["rl_prompts"])
 
-        base_eval = c.evaluate(config=cfg, model=base, label="base").set_display_name("7 evaluate base")
-        final_eval = c.evaluate(config=cfg, model=rl.outputs["trained"], label="final")
-        final_eval.set_display_name("7 evaluate final")
-        rep = c.report(config=cfg, base_results=base_eval.outputs["results"],
-                       final_results=final_eval.outputs["results"],
-                       generate_summary=gen.outputs["summary"], filter_summary=flt.outputs["summary"],
-                       midtrain_summary=mid.outputs["summary"], sft_summary=sft.outputs["summary"],
-                       dpo_summary=dpo.outputs["summary"], rl_summary=rl.outputs["summary"])
-        rep.set_display_name("report")
+        base_eval = task(c.evaluate, "evaluate", "7 evaluate base", config=cfg, model=base, label="base")
+        final_eval = task(c.evaluate, "evaluate", "7 evaluate final", config=cfg, model=rl.outputs["trained"],
+                          label="final")
+        rep = task(c.report, "report", "report", config=cfg, base_results=base_eval.outputs["results"],
+                   final_results=final_eval.outputs["results"],
+                   generate_summary=gen.outputs["summary"], filter_summary=flt.outputs["summary"],
+                   midtrain_summary=mid.outputs["summary"], sft_summary=sft.outputs["summary"],
+                   dpo_summary=dpo.outputs["summary"], rl_summary=rl.outputs["summary"])
         return rep.outputs["report_md"]
 
     thinkforge.__signature__ = inspect.Signature(
@@ -60,7 +64,7 @@ def build_pipeline(recipe: Recipe, image: str = DEFAULT_IMAGE):
     return dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n", 1)[0])(thinkforge)
 
 
-def compile_pipeline(recipe: Recipe, out_path: str | Path, image: str = DEFAULT_IMAGE) -> Path:
+def compile_pipeline(recipe: Recipe, out_path: str | Path, image: str = "") -> Path:
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build_pipeline(recipe, image), str(out))

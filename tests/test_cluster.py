@@ -122,7 +122,7 @@ class FakeKFP:
             if any(v["pipeline_id"] == pid and v["display_name"] == q["name"] for v in self.versions.values()):
                 return 409, {"error": "already exists", "code": 6}
             vid = str(uuid.uuid4())
-            spec = yaml.safe_load(req["files"]["uploadfile"])
+            spec = next(yaml.safe_load_all(req["files"]["uploadfile"]))  # pipeline spec, then platform spec
             self.versions[vid] = {"pipeline_id": pid, "pipeline_version_id": vid, "display_name": q["name"], "name": q["name"],
                                   "description": q.get("description", ""), "created_at": NOW, "pipeline_spec": spec}
             return 200, self.versions[vid]

@@ -18,7 +18,7 @@ STAGES = ["generate", "filter-rollouts", "midtrain", "sft", "dpo", "rl", "evalua
 def ir(tmp_path_factory):
     out = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
     compile_pipeline(load_recipe(ROOT / "recipes" / "cpu-demo.yaml"), out)
-    return yaml.safe_load(out.read_text())
+    return next(yaml.safe_load_all(out.read_text()))
 
 
 def _artifact_types(component, direction):
@@ -63,7 +63,7 @@ def test_every_recipe_field_is_a_pipeline_parameter(ir):
     recipe = load_recipe(ROOT / "recipes" / "cpu-demo.yaml")
     params = ir["root"]["inputDefinitions"]["parameters"]
     flat = flatten(recipe)
-    assert set(params) == set(flat)
+    assert set(params) == set(flat)  # every field but the compile-time `cluster` section
     assert params["rl__max_steps"]["defaultValue"] == 30
     assert params["template__think"]["defaultValue"] is False
     assert params["evaluate__benchmarks"]["parameterType"] == "LIST"
@@ -105,3 +105,47 @@ def test_malformed_training_source_names_file_and_line(tmp_path):
     assert proc.returncode != 0
     assert f"{bad}:2: malformed JSON" in proc.stdout + proc.stderr
     assert not any((tmp_path / "root").glob("*/filter-rollouts"))
+
+
+def test_ir_carries_each_stages_cluster_placement(tmp_path):
+    out = compile_pipeline(load_recipe(ROOT / "recipes" / "phi4-mini-reasoning.yaml"), tmp_path / "p.yaml")
+    pipeline, platform = yaml.safe_load_all(out.read_text())
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    executors = pipeline["deploymentSpec"]["executors"]
+    tasks = pipeline["root"]["dag"]["tasks"]
+    assert executors["exec-rl"]["container"]["image"] == "ghcr.io/thinkforge/thinkforge:0.1.0-cuda"
+    for task, stage in (("midtrain", "midtrain"), ("sft", "sft"), ("dpo", "dpo"), ("rl", "rl")):
+        res = executors[f"exec-{task}"]["container"]["resources"]
+        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "8"
+        assert res["resourceMemoryRequest"] == "900Gi"
+        spec = k8s[f"exec-{task}"]
+        assert spec["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert spec["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "64Gi",
+                                            "volumeName": "dshm"}]
+        assert spec["activeDeadlineSeconds"] == "604800"
+        assert spec["podMetadata"]["labels"] == {"app.kubernetes.io/component": stage,
+                                                 "app.kubernetes.io/part-of": "thinkforge"}
+        assert tasks[task]["retryPolicy"]["maxRetryCount"] == 5
+        assert tasks[task]["retryPolicy"]["backoffDuration"] == "120s"
+        assert not tasks[task]["cachingOptions"].get("enableCache", False)
+    eval_res = executors["exec-evaluate-2"]["container"]["resources"]
+    assert eval_res["accelerator"]["resourceCount"] == "1"
+    assert "accelerator" not in executors["exec-filter-rollouts"]["container"]["resources"]
+    assert executors["exec-filter-rollouts"]["container"]["resources"]["resourceMemoryRequest"] == "64Gi"
+    assert tasks["filter-rollouts"]["retryPolicy"]["maxRetryCount"] == 2  # the defaults apply
+
+    def secrets(task):
+        return {s["secretName"]: sorted(e["envVar"] for e in s["keyToEnv"]) for s in k8s[task].get("secretAsEnv", [])}
+
+    assert secrets("exec-generate") == {"thinkforge-s3": ["THINKFORGE_S3_ACCESS_KEY", "THINKFORGE_S3_SECRET_KEY"],
+                                        "thinkforge-teacher": ["THINKFORGE_TEACHER_API_KEY"],
+                                        "thinkforge-hf": ["HF_TOKEN"]}
+    assert "thinkforge-teacher" not in secrets("exec-rl") and "thinkforge-hf" not in secrets("exec-report")
+
+
+def test_cluster_section_is_compile_time_only():
+    recipe = load_recipe(ROOT / "recipes" / "phi4-mini-reasoning.yaml")
+    assert not any(k.startswith("cluster__") for k in flatten(recipe))
+    assert recipe.cluster.placement("sft").gpus == 8 and recipe.cluster.placement("report").gpus == 0
+    assert recipe.cluster.placement("generate").retries == 2  # defaults under the stage's own fields

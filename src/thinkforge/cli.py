@@ -52,9 +52,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from thinkforge.pipelines.training import DEFAULT_IMAGE, compile_pipeline
+    from thinkforge.pipelines.training import compile_pipeline
 
-    out = compile_pipeline(_recipe(args), args.out, image=args.image or DEFAULT_IMAGE)
+    out = compile_pipeline(_recipe(args), args.out, image=args.image or "")
     print(f"wrote {out}")
     return 0
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("compile", help="write the pipeline IR YAML for Kubeflow Pipelines")
     _add_recipe_args(p)
     p.add_argument("--out", default="thinkforge-pipeline.yaml")
-    p.add_argument("--image", help="container image of the components (default $THINKFORGE_IMAGE)")
+    p.add_argument("--image", help="container image of the components (default: cluster.image, $THINKFORGE_IMAGE, the released CPU image)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("config", help="print the resolved recipe")

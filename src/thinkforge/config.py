@@ -98,10 +98,42 @@ class TrainConfig(Section):
     logging_steps: int = Field(1, ge=1)
     bf16: bool = Field(False, description="bf16 mixed precision (GPU).")
     gradient_checkpointing: bool = False
+    save_steps: int = Field(
+        100, ge=0, description="Write a complete checkpoint every N steps to object storage (when storage.endpoint "
+        "or THINKFORGE_S3_ENDPOINT is set; 0 = never). A restarted stage resumes from the newest one.",
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Remote checkpoints kept per stage (older ones pruned).")
+    num_processes: int = Field(
+        1, ge=1, description="Training processes (GPUs) in one pod; > 1 runs the stage under `accelerate launch`.",
+    )
+    deepspeed: str = Field(
+        "none", description="DeepSpeed config: none, zero2, zero3 (recipes/deepspeed/<name>.json) or a JSON path.",
+    )
+    nodes: int = Field(
+        1, ge=1, description="Nodes; > 1 submits the stage as a Kubeflow Trainer job (TrainJob/PyTorchJob).",
+    )
 
 
 class MidtrainConfig(TrainConfig):
     packing: bool = Field(True, description="Pack sequences (the paper's mid-train setting).")
+    streaming: bool = Field(
+        False, description="Stream the corpus from disk (larger than memory); needs max_steps > 0.",
+    )
+    validation_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Share of problems held out for validation loss (0 = none).",
+    )
+    validation_max_examples: int = Field(512, ge=1, description="At most this many held-out validation records.")
+    eval_steps: int = Field(50, ge=1, description="Validation loss every N steps.")
+    early_stopping_patience: int = Field(
+        3, ge=0, description="Stop after this many evaluations without improvement (0 = never stop early).",
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0.0, description="Smallest drop in validation loss that counts.")
+
+    @model_validator(mode="after")
+    def _streaming_steps(self) -> MidtrainConfig:
+        if self.streaming and self.max_steps <= 0:
+            raise ValueError("streaming needs max_steps > 0 (a stream has no length to count epochs by)")
+        return self
 
 
 class SFTConfig(TrainConfig):
@@ -112,6 +144,10 @@ class DPOConfig(TrainConfig):
     learning_rate: float = Field(5e-7, gt=0.0, le=1.0)
     beta: float = Field(0.1, gt=0.0)
     loss_type: str = "sigmoid"
+    precompute_ref_log_probs: bool = Field(
+        True, description="Score the reference (incoming SFT) model once before training and free it: one model "
+        "in memory instead of two.",
+    )
 
 
 class RLConfig(TrainConfig):
@@ -127,6 +163,29 @@ class RLConfig(TrainConfig):
     prompt_min_pass_rate: float = Field(0.0, ge=0.0, le=1.0, description="Keep RL prompts with pass rate >= this.")
     prompt_max_pass_rate: float = Field(1.0, ge=0.0, le=1.0, description="... and <= this.")
     use_vllm: bool = Field(False, description="vLLM rollouts (TRL colocate mode, GPU).")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="GPU share vLLM may take (colocate).")
+    prompt_optimization: bool = Field(
+        False, description="Before RL, sample each candidate prompt with the current model and keep those whose pass "
+        "rate lies in the band and whose response lengths are uniform.",
+    )
+    prompt_opt_samples: int = Field(4, ge=2, description="Rollouts per candidate prompt per round.")
+    prompt_opt_rounds: int = Field(1, ge=1, description="Sampling rounds; each re-samples the survivors.")
+    prompt_opt_max_length_cv: float = Field(
+        0.5, gt=0.0, description="Keep prompts whose response-length coefficient of variation is at most this.",
+    )
+    prompt_opt_max_candidates: int = Field(0, ge=0, description="Sample at most this many candidates (0 = all).")
+    reward_rebalancing: bool = Field(
+        False, description="Oversample hard prompts, keep all positives and as many negatives, drop easy and "
+        "zero-spread groups (masked from the loss).",
+    )
+    hard_pass_rate: float = Field(0.25, ge=0.0, le=1.0, description="Prompts with pass rate <= this count as hard.")
+    hard_oversample: int = Field(2, ge=1, description="Hard prompts appear this many times per epoch.")
+    max_group_accuracy: float = Field(
+        0.5, ge=0.0, le=1.0, description="Drop prompt groups whose accuracy is above this (1.0 = keep all).",
+    )
+    min_reward_spread: float = Field(
+        1e-3, gt=0.0, description="Groups whose reward std is below this carry no signal: dropped and counted.",
+    )
 
     @model_validator(mode="after")
     def _band(self) -> RLConfig:
@@ -186,6 +245,65 @@ class MetricsConfig(Section):
     http_port: int = Field(0, ge=0, le=65535, description="Serve /metrics on this port while a stage runs (0 = off).")
 
 
+STAGE_KEYS = ("configure", "prepare", "generate", "filter", "midtrain", "sft", "dpo", "rl", "evaluate", "report")
+
+
+class Placement(Section):
+    """Where and how one stage's pod runs on the cluster (applied when the pipeline is compiled)."""
+
+    gpus: int = Field(0, ge=0, description="GPUs per pod (nvidia.com/gpu limit).")
+    accelerator: str = Field("", description="Accelerator type, e.g. nvidia.com/gpu (KFP set_accelerator_type).")
+    cpu_request: str = ""
+    cpu_limit: str = ""
+    memory_request: str = ""
+    memory_limit: str = ""
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels of the pool to run on.")
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Tolerations ({key, operator, value, effect}) for tainted GPU pools."
+    )
+    shm_size: str = Field("", description="Memory-backed /dev/shm of this size (e.g. 16Gi); empty = none.")
+    timeout_s: int = Field(0, ge=0, description="Fail the task after this many seconds (0 = no limit).")
+    retries: int = Field(0, ge=0, description="Retries of a failed task (preemption); training resumes from checkpoints.")
+    backoff_s: int = Field(60, ge=0)
+    backoff_factor: float = Field(2.0, ge=1.0)
+    backoff_max_s: int = Field(3600, ge=0)
+    cache: bool = Field(True, description="Let KFP reuse a previous run's outputs for identical inputs.")
+
+    @model_validator(mode="after")
+    def _tolerations(self) -> Placement:
+        for i, t in enumerate(self.tolerations):
+            bad = set(t) - {"key", "operator", "value", "effect", "toleration_seconds"}
+            if bad:
+                raise ValueError(f"tolerations[{i}]: unknown keys {sorted(bad)}")
+        return self
+
+
+class ClusterConfig(Section):
+    """Compile-time settings for a Kubernetes cluster. Not pipeline parameters: KFP fixes pod specs
+    when it compiles, so changing them means compiling (uploading) a new pipeline version."""
+
+    image: str = Field("", description="Component image (default $THINKFORGE_IMAGE or the released CPU image).")
+    s3_secret: str = Field("", description="Secret with keys accesskey/secretkey for MinIO/S3 (THINKFORGE_S3_*).")
+    teacher_secret: str = Field("", description="Secret with key api-key for the teacher endpoint.")
+    hf_secret: str = Field("", description="Secret with key token for the Hugging Face hub (HF_TOKEN).")
+    defaults: Placement = Field(default_factory=Placement, description="Placement of every stage unless overridden.")
+    stages: dict[str, Placement] = Field(default_factory=dict, description=f"Per-stage placement: {STAGE_KEYS}.")
+
+    @model_validator(mode="after")
+    def _stage_names(self) -> ClusterConfig:
+        bad = sorted(set(self.stages) - set(STAGE_KEYS))
+        if bad:
+            raise ValueError(f"stages: unknown stage(s) {bad}; expected some of {list(STAGE_KEYS)}")
+        return self
+
+    def placement(self, stage: str) -> Placement:
+        """The stage's placement: the defaults with the stage's own fields laid over them."""
+        own = self.stages.get(stage)
+        if own is None:
+            return self.defaults
+        return Placement.model_validate({**self.defaults.model_dump(), **own.model_dump(exclude_unset=True)})
+
+
 class Recipe(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -200,6 +318,7 @@ class Recipe(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     def digest(self) -> str:
         """A stable hash of the whole config, for lineage and caching."""
@@ -210,6 +329,7 @@ class Recipe(Section):
 
 
 SECTIONS = tuple(Recipe.model_fields)
+COMPILE_TIME_SECTIONS = ("cluster",)  # fixed when the pipeline is compiled, not run-time parameters
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
@@ -241,15 +361,20 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], origin: str = "override") -> dict[str, Any]:
-    """Set dotted keys (`sft.learning_rate`) in a nested recipe dict; unknown sections fail here."""
+    """Set dotted keys (`sft.learning_rate`, `cluster.stages.rl.gpus`) in a nested recipe dict."""
     out = json.loads(json.dumps(data))
     for key, value in overrides.items():
         parts = key.split(".")
-        if len(parts) != 2 or parts[0] not in SECTIONS:
+        if len(parts) < 2 or parts[0] not in SECTIONS:
             raise ConfigError(f"{origin}: {key}: expected <section>.<field> with section one of {', '.join(SECTIONS)}")
         if isinstance(value, str):
             value = parse_value(value)
-        out.setdefault(parts[0], {})[parts[1]] = value
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{origin}: {key}: {part} is not a mapping")
+        node[parts[-1]] = value
     return out
 
 
@@ -292,6 +417,8 @@ def flatten(recipe: Recipe) -> dict[str, Any]:
     """`{"sft__learning_rate": 1e-05, ...}`: the KFP pipeline parameters of a recipe."""
     flat = {}
     for section, body in recipe.model_dump().items():
+        if section in COMPILE_TIME_SECTIONS:
+            continue
         for field, value in body.items():
             flat[f"{section}__{field}"] = value
     return flat
