@@ -20,20 +20,22 @@ text answers compare as products of symbols, so an anagram of a one-word `\\text
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import multiprocessing as mp
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
 import weakref
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as _wait_conns
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,9 @@ WORKER_START_TIMEOUT = 120.0
 #: batches smaller than this go to one worker as one chunk
 SMALL_BATCH = 16
 _MAX_CHUNK = 64
+#: verdicts a Verifier remembers, keyed by (gold, extracted answer, answer type): RL and filter
+#: batches repeat the same answer to the same problem many times
+_CACHE_SIZE = 65_536
 
 
 @dataclass(frozen=True)
@@ -74,16 +79,16 @@ class Verdict:
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _BRACE_RE = re.compile(r"\\\\|\\[{}]|[{}]")
-_BOX_BARE_RE = re.compile(r"[ \t]*([^\s${}\\]{1,64})")
+_BOX_BARE_RE = re.compile(r"[ \t]{1,64}([^\s${}\\]{1,64})")
 # "answer" then "is", ":" or "=" (markdown bold allowed around); the content follows on the same line
 _ANSWER_WORD_RE = re.compile(r"(?i)\banswer\b")
 _ANSWER_TAIL_RE = re.compile(
-    r"[ \t]{0,8}(?:\*\*|__)?[ \t]{0,8}(?:is\b[ \t]{0,8}(?:\*\*)?[ \t]{0,8}[:：]?|[:：=])[ \t]{0,8}(?:\*\*|__)?[ \t]{0,8}"
-    r"([^\n]{1,400})"
+    r"[ \t]{0,8}(?:\*\*|__)?[ \t]{0,8}(?:is\b[ \t]{0,8}(?:\*\*)?[ \t]{0,8}[:：]?|[:：=])"
+    r"[ \t]{0,8}(?:\*\*|__)?[ \t]{0,8}([^\n]{1,400})"
 )
 _LAST_NUMBER_RE = re.compile(r"(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
 _CHOICE_PAREN_RE = re.compile(r"(?<![A-Za-z\\])\(([A-D])\)")
-_CHOICE_LINE_RE = re.compile(r"(?m)^[ \t]*(?:\*\*)?[ \t]*\(?([A-D])\)?[ \t]*(?:\*\*)?[ \t]*\.?[ \t]*$")
+_CHOICE_LINE_RE = re.compile(r"(?m)^[ \t]{0,8}(?:\*\*)?\(?([A-D])\)?(?:\*\*)?\.?[ \t]{0,8}$")
 _CHOICE_TEXT_CMDS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|mbox)\s*\{")
 _CHOICE_LETTER_RE = re.compile(r"^\(?([A-D])\)?(?:$|[.:)\s,])")
 _CHOICE_LOWER_RE = re.compile(r"\(?([a-d])\)?\.?")
@@ -91,65 +96,91 @@ _PROSE_RE = re.compile(r"(?<![\\{A-Za-z])[A-Za-z]{2,}[ \t]+[A-Za-z]{2,}\b")
 
 
 def _final_segment(text: str) -> str:
-    """The part of a completion that holds the final answer: after the last `</think>`, capped."""
+    """The part of a completion that holds the final answer: after the last `</think>` if any."""
     i = text.rfind("</think>")
-    if i >= 0:
-        text = text[i + len("</think>"):]
-    if len(text) > MAX_SCAN_CHARS:
-        text = text[-MAX_SCAN_CHARS:]
-    return text
+    return text[i + len("</think>"):] if i >= 0 else text
 
 
-def _balanced_from(text: str, open_pos: int) -> str | None:
-    """Content of the brace group that opens at text[open_pos] == '{', or None if unbalanced."""
+def _tail(text: str) -> str:
+    """What the line-based rules ("answer is", choice, last number) read: the last MAX_SCAN_CHARS."""
+    return text[-MAX_SCAN_CHARS:] if len(text) > MAX_SCAN_CHARS else text
+
+
+def _balanced_from(text: str, open_pos: int, limit: int) -> tuple[str | None, bool]:
+    """(content, closed) of the brace group opening at text[open_pos] == '{'.
+
+    Reads at most `limit` characters: a group still open after that returns its first `limit`
+    characters with closed=False (an over-long answer); a group open at the end of the text
+    returns (None, False) (a truncated completion).
+    """
     depth = 0
-    for m in _BRACE_RE.finditer(text, open_pos):
+    stop = min(len(text), open_pos + 1 + limit)
+    for m in _BRACE_RE.finditer(text, open_pos, stop):
         tok = m.group()
         if tok == "{":
             depth += 1
         elif tok == "}":
             depth -= 1
             if depth == 0:
-                return text[open_pos + 1 : m.start()]
+                return text[open_pos + 1 : m.start()], True
         # "\\" (a LaTeX line break) and escaped braces "\{" "\}" do not count
-    return None
+    if stop < len(text):
+        return text[open_pos + 1 : stop], False
+    return None, False
+
+
+def _box_starts_from_end(text: str, max_looks: int = 16):
+    """End offsets of `\\boxed` / `\\fbox` commands, last first (a few rfind calls, no full scan)."""
+    hi = {"\\boxed": len(text), "\\fbox": len(text)}
+    found = {k: text.rfind(k, 0, v) for k, v in hi.items()}
+    for _ in range(max_looks):
+        key = max(found, key=found.__getitem__)
+        i = found[key]
+        if i < 0:
+            return
+        m = _BOX_RE.match(text, i)
+        if m:
+            yield m.end()
+        found[key] = text.rfind(key, 0, i)
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` / `\\fbox{...}` in text (brace-balanced), else None.
 
     `\\boxed 5` (no braces) is accepted too. When the last box is unbalanced (a truncated
-    completion) the previous one is tried, at most a few times, so the cost stays linear.
+    completion) the previous one is tried, a few times at most. A box whose content runs past
+    MAX_ANSWER_CHARS is returned cut to MAX_ANSWER_CHARS + 1 characters (so it is judged over-long),
+    which keeps the cost bounded whatever the input.
     """
     if not text:
         return None
-    starts = [m.end() for m in _BOX_RE.finditer(text)]
-    for end in reversed(starts[-_MAX_BOX_TRIES:]):
+    n = len(text)
+    for tries, end in enumerate(_box_starts_from_end(text)):
+        if tries >= _MAX_BOX_TRIES:
+            break
         j = end
-        n = len(text)
-        while j < n and text[j] in " \t":
+        while j < n and j < end + 64 and text[j] in " \t":
             j += 1
         if j < n and text[j] == "{":
-            content = _balanced_from(text, j)
+            content, closed = _balanced_from(text, j, MAX_ANSWER_CHARS + 1)
             if content is not None:
-                return content.strip()
-        else:
+                return content.strip() if closed else content
+        elif end < n and text[end] in " \t":
             m = _BOX_BARE_RE.match(text, end)
-            if m and end < n and text[end] in " \t":
+            if m:
                 return m.group(1)
     return None
 
 
 def _strip_delims(s: str) -> str:
     s = s.strip()
-    changed = True
-    while changed and s:
-        changed = False
+    for _ in range(4):
         for a, b in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**")):
             if len(s) >= len(a) + len(b) and s.startswith(a) and s.endswith(b):
                 s = s[len(a) : len(s) - len(b)].strip()
-                changed = True
                 break
+        else:
+            break
     return s
 
 
@@ -230,6 +261,7 @@ def extract_answer(text: str, answer_type: str = "math", mode: str = "fallback")
         ans = _choice_letter(boxed) if answer_type == "choice" else _clean(boxed)
         if ans:
             return ans, "boxed"
+    seg = _tail(seg)
     said = _answer_is(seg)
     if said:
         ans = _choice_letter(said) if answer_type == "choice" else said
@@ -238,13 +270,11 @@ def extract_answer(text: str, answer_type: str = "math", mode: str = "fallback")
     if mode == "strict":
         return None, None
     if answer_type == "choice":
-        letter = None
-        for m in _CHOICE_PAREN_RE.finditer(seg):
-            letter = m
-        line = None
-        for m in _CHOICE_LINE_RE.finditer(seg):
-            line = m
-        best = max((x for x in (letter, line) if x is not None), key=lambda x: x.start(), default=None)
+        best = None
+        for rx in (_CHOICE_PAREN_RE, _CHOICE_LINE_RE):
+            for m in rx.finditer(seg):
+                if best is None or m.start() > best.start():
+                    best = m
         return (best.group(1), "choice") if best else (None, None)
     num = _last_number(seg)
     return (num, "last_number") if num else (None, None)
@@ -283,9 +313,9 @@ def _norm(s: str) -> str:
     return s
 
 
-def _fast_reason(gold: str | None, answer: str | None, answer_type: str) -> str | None:
+def _fast_reason(gold: str | None, answer: str | None, answer_type: str, exact: bool = True) -> str | None:
     """A verdict reachable without math-verify (cheap, bounded), else None."""
-    if gold is None or not _strip_delims(gold):
+    if gold is None or len(gold) > MAX_ANSWER_CHARS or not _strip_delims(gold):
         return "unverifiable_gold"
     if answer is None or not answer.strip():
         return "no_answer"
@@ -294,11 +324,9 @@ def _fast_reason(gold: str | None, answer: str | None, answer_type: str) -> str 
         if g is None:
             return "unverifiable_gold"
         return "correct" if _choice_letter(answer) == g else "wrong_answer"
-    if len(gold) > MAX_ANSWER_CHARS:
-        return "unverifiable_gold"
     if len(answer) > MAX_ANSWER_CHARS:
         return "wrong_answer"
-    if _norm(gold) == _norm(answer):
+    if exact and _norm(gold) == _norm(answer):
         return "correct"
     return None
 
@@ -323,7 +351,7 @@ def _math_verify() -> Any:
     return _mv
 
 
-def _has_expr(parsed: list) -> bool:
+def _has_expr(parsed: Sequence[Any]) -> bool:
     return any(not isinstance(p, str) for p in parsed)
 
 
@@ -333,19 +361,20 @@ def _parse_gold(gold: str) -> tuple:
     return tuple(mv.parse(f"${_strip_delims(gold)}$", parsing_timeout=None))
 
 
-def _parse_answer(answer: str) -> list:
+@lru_cache(maxsize=4096)
+def _parse_answer(answer: str) -> tuple:
     mv = _math_verify()
     parsed = mv.parse(f"${_strip_delims(answer)}$", parsing_timeout=None)
-    if not _has_expr(parsed):
+    if not _has_expr(parsed):  # "5 apples": let math-verify's own extraction find the expression
         raw = mv.parse(answer, parsing_timeout=None)
         if _has_expr(raw):
-            return raw
-    return parsed
+            return tuple(raw)
+    return tuple(parsed)
 
 
-def _judge(gold: str | None, answer: str | None, answer_type: str = "math") -> str:
+def _judge(gold: str | None, answer: str | None, answer_type: str = "math", fast_path: bool = True) -> str:
     """Reason for one (gold, extracted answer) pair: correct / wrong_answer / no_answer / unverifiable_gold."""
-    fast = _fast_reason(gold, answer, answer_type)
+    fast = _fast_reason(gold, answer, answer_type, exact=fast_path)
     if fast is not None:
         return fast
     assert gold is not None and answer is not None
@@ -355,7 +384,7 @@ def _judge(gold: str | None, answer: str | None, answer_type: str = "math") -> s
     ap = _parse_answer(answer)
     if not ap:
         return "wrong_answer"
-    ok = _math_verify().verify(list(gp), ap, timeout_seconds=None)
+    ok = _math_verify().verify(list(gp), list(ap), timeout_seconds=None)
     return "correct" if ok else "wrong_answer"
 
 
@@ -383,16 +412,33 @@ def _on_alarm(signum: int, frame: Any) -> None:
     raise _SoftTimeout()
 
 
-def _worker_main(conn: Any, timeout: float, memory_bytes: int | None) -> None:
-    """Loop: receive a chunk [(idx, gold, answer, answer_type), ...], send (idx, reason) per item."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
-    if sys.platform.startswith("linux"):
-        try:  # die with the process that forked us (the forkserver, which dies with the parent)
-            import ctypes
+def _worker_entry() -> None:
+    """Entry point of a worker process: `python -c ... _worker_entry() IN_FD OUT_FD TIMEOUT MEMORY`."""
+    in_fd, out_fd = int(sys.argv[1]), int(sys.argv[2])
+    timeout, memory_bytes, fast_path = float(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+    inbox, outbox = Connection(in_fd, writable=False), Connection(out_fd, readable=False)
+    _worker_main(inbox, outbox, timeout, memory_bytes, fast_path)
+    os._exit(0)  # nothing to clean up; skip a slow interpreter teardown of sympy
 
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except Exception:  # noqa: BLE001
+
+def _watch_parent() -> None:
+    """Exit as soon as the parent goes away (our stdin, a pipe the parent never writes, hits EOF)."""
+    try:  # os.read on the raw fd: a daemon thread must not hold sys.stdin's lock at shutdown
+        while os.read(0, 1 << 16):
             pass
+    except OSError:
+        pass
+    os._exit(0)
+
+
+def _worker_main(inbox: Any, outbox: Any, timeout: float, memory_bytes: int | None, fast_path: bool = True) -> None:
+    """Loop: receive a chunk [(idx, gold, answer, answer_type), ...], send (idx, reason) per item.
+
+    The worker's own interval timer interrupts an item at `timeout` (pure-Python work); the parent
+    kills the whole process a little later if that did not help (C-level work such as a huge power).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    threading.Thread(target=_watch_parent, name="watch-parent", daemon=True).start()
     if memory_bytes:
         try:
             import resource
@@ -403,14 +449,12 @@ def _worker_main(conn: Any, timeout: float, memory_bytes: int | None) -> None:
         except (ImportError, ValueError, OSError):
             pass
     signal.signal(signal.SIGALRM, _on_alarm)
-    try:
+    with contextlib.suppress(Exception):
         _judge("\\frac{1}{2}", "0.5")  # import and warm up sympy/latex2sympy before saying ready
-    except Exception:  # noqa: BLE001
-        pass
-    conn.send(("ready", os.getpid()))
+    outbox.send(("ready", os.getpid()))
     while True:
         try:
-            chunk = conn.recv()
+            chunk = inbox.recv()
         except (EOFError, OSError):
             return
         if chunk is None:
@@ -419,77 +463,101 @@ def _worker_main(conn: Any, timeout: float, memory_bytes: int | None) -> None:
             try:
                 signal.setitimer(signal.ITIMER_REAL, timeout)
                 try:
-                    reason = _judge(gold, answer, answer_type)
+                    reason = _judge(gold, answer, answer_type, fast_path)
                 finally:
                     signal.setitimer(signal.ITIMER_REAL, 0)
             except _SoftTimeout:
                 reason = "timeout"
-            except MemoryError:
-                reason = "wrong_answer"
-            except Exception:  # noqa: BLE001 - a comparison that crashes is not a match
+            except Exception:  # noqa: BLE001 - a comparison that crashes (MemoryError too) is not a match
                 reason = "wrong_answer"
             try:
-                conn.send((idx, reason))
+                outbox.send((idx, reason))
             except (BrokenPipeError, OSError):
                 return
 
 
-def _mp_context() -> Any:
-    methods = mp.get_all_start_methods()
-    if "forkserver" in methods:
-        ctx = mp.get_context("forkserver")
-        try:  # workers fork from a server that has already imported math-verify: fast restarts
-            ctx.set_forkserver_preload(["thinkforge.verify", "math_verify"])
-        except Exception:  # noqa: BLE001
-            pass
-        return ctx
-    return mp.get_context("spawn")
+def _worker_env() -> dict[str, str]:
+    """The parent's environment, with the folder that holds the thinkforge package on PYTHONPATH."""
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
 
 
 class _Worker:
-    def __init__(self, ctx: Any, timeout: float, memory_bytes: int | None) -> None:
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(
-            target=_worker_main, args=(child, timeout, memory_bytes), name="thinkforge-verify", daemon=True
-        )
-        self.proc.start()
-        child.close()
+    """One worker process, started with a fresh interpreter (safe whatever the parent has loaded:
+    torch, CUDA, threads; and no re-import of the parent's __main__ as multiprocessing would do)."""
+
+    def __init__(self, timeout: float, memory_bytes: int | None, fast_path: bool = True) -> None:
+        c_in, p_out = os.pipe()  # parent -> child
+        p_in, c_out = os.pipe()  # child -> parent
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "from thinkforge.verify import _worker_entry; _worker_entry()",
+                 str(c_in), str(c_out), repr(timeout), str(memory_bytes or 0), "1" if fast_path else "0"],
+                pass_fds=(c_in, c_out),
+                stdin=subprocess.PIPE,  # the lifeline: the worker exits when this closes
+                stdout=subprocess.DEVNULL,
+                env=_worker_env(),
+                close_fds=True,
+            )
+        except BaseException:
+            for fd in (p_out, p_in):
+                os.close(fd)
+            raise
+        finally:
+            os.close(c_in)
+            os.close(c_out)
+        self.outbox = Connection(p_out, readable=False)
+        self.inbox = Connection(p_in, writable=False)
+        self.owner = os.getpid()  # a forked copy of the parent must leave this worker alone
         self.ready = False
         self.started_at = time.monotonic()
         self.inflight: deque = deque()  # items sent, not yet answered; inflight[0] is running
         self.deadline = math.inf
 
-    def kill(self) -> None:
-        try:
-            self.proc.kill()
-        except Exception:  # noqa: BLE001
-            pass
-        self.proc.join(timeout=5)
-        try:
-            self.conn.close()
-        except Exception:  # noqa: BLE001
-            pass
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
-    def stop(self, wait: float = 0.5) -> None:
-        try:
-            if self.proc.is_alive() and not self.inflight:
-                self.conn.send(None)
-                self.proc.join(timeout=wait)
-        except Exception:  # noqa: BLE001
-            pass
-        if self.proc.is_alive():
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def _close_pipes(self) -> None:
+        for c in (self.outbox, self.inbox, self.proc.stdin):
+            with contextlib.suppress(Exception):
+                c.close()  # type: ignore[union-attr]
+
+    def kill(self) -> None:
+        with contextlib.suppress(Exception):
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=5)
+        self._close_pipes()
+
+    def ask_to_stop(self) -> None:
+        if self.alive() and not self.inflight:
+            with contextlib.suppress(Exception):
+                self.outbox.send(None)
+
+    def finish_stop(self, deadline: float) -> None:
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        if self.alive():
             self.kill()
         else:
-            self.proc.join(timeout=1)
-            try:
-                self.conn.close()
-            except Exception:  # noqa: BLE001
-                pass
+            self._close_pipes()
 
 
-def _stop_all(workers: list[_Worker]) -> None:
-    while workers:
-        workers.pop().stop()
+def _stop_all(workers: list[_Worker], wait: float = 1.0) -> None:
+    """Ask every worker to exit, give them `wait` seconds together, kill the rest."""
+    stopping = [w for w in workers if w.owner == os.getpid()]
+    workers.clear()
+    for w in stopping:
+        w.ask_to_stop()
+    deadline = time.monotonic() + wait
+    for w in stopping:
+        w.finish_stop(deadline)
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,7 +574,9 @@ class Verifier:
     `timeout` (plus a small grace) is killed and replaced; that item becomes reason "timeout".
     """
 
-    def __init__(self, workers: int | None = None, timeout: float = 5.0, mode: str = "fallback"):
+    def __init__(
+        self, workers: int | None = None, timeout: float = 5.0, mode: str = "fallback", *, fast_path: bool = True
+    ):
         _check_type_mode("math", mode)
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
@@ -520,19 +590,23 @@ class Verifier:
         self.workers = workers
         self.timeout = float(timeout)
         self.mode = mode
+        self.fast_path = fast_path  # False: every non-trivial pair goes to math-verify (benchmarks, tests)
         self.timeouts = 0
         self._size = max(1, workers)
         # the worker's own timer fires at `timeout`; the parent kills at `timeout + grace`
         self._grace = min(1.0, max(0.25, 0.1 * self.timeout))
+        self._new_pool()
+
+    def _new_pool(self) -> None:
+        self._owner = os.getpid()
         self._lock = threading.RLock()
+        self._cache: OrderedDict[tuple[str, str, str], str] = OrderedDict()  # (gold, answer, type) -> reason
         self._pool: list[_Worker] = []
-        self._closed = False
-        self._ctx: Any = None
         self._finalizer = weakref.finalize(self, _stop_all, self._pool)
 
     # -- pickling: a reward object that holds a Verifier must survive being pickled -----------
     def __getstate__(self) -> dict:
-        return {"workers": self.workers, "timeout": self.timeout, "mode": self.mode}
+        return {"workers": self.workers, "timeout": self.timeout, "mode": self.mode, "fast_path": self.fast_path}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -545,6 +619,10 @@ class Verifier:
 
     def close(self) -> None:
         """Stop the workers. The Verifier can still be used: workers restart on demand."""
+        if os.getpid() != self._owner:  # a forked child: the workers are the parent's
+            self._finalizer.detach()
+            self._new_pool()
+            return
         with self._lock:
             _stop_all(self._pool)
 
@@ -573,17 +651,37 @@ class Verifier:
 
     # -- internals ----------------------------------------------------------------------------
     def _judge_prepared(self, prepared: list[tuple[str | None, str | None, str | None, str]]) -> list[Verdict]:
+        if os.getpid() != self._owner:  # used in a forked child: workers (and a lock) of its own
+            self._finalizer.detach()
+            self._new_pool()
         reasons: list[str | None] = [None] * len(prepared)
-        jobs = []
-        for i, (gold, answer, _rule, answer_type) in enumerate(prepared):
-            fast = _fast_reason(gold, answer, answer_type)
-            if fast is None:
-                jobs.append((i, gold, answer, answer_type))
-            else:
-                reasons[i] = fast
-        if jobs:
-            for i, reason in self._run(jobs).items():
-                reasons[i] = reason
+        groups: dict[tuple[str, str, str], list[int]] = {}  # identical pairs are judged once
+        with self._lock:
+            for i, (gold, answer, _rule, answer_type) in enumerate(prepared):
+                fast = _fast_reason(gold, answer, answer_type, exact=self.fast_path)
+                if fast is not None:
+                    reasons[i] = fast
+                    continue
+                key = (gold, answer, answer_type)
+                cached = self._cache.get(key)
+                if cached is not None:
+                    self._cache.move_to_end(key)
+                    reasons[i] = cached
+                else:
+                    groups.setdefault(key, []).append(i)  # type: ignore[arg-type]
+            if groups:
+                jobs = [(idxs[0], *key) for key, idxs in groups.items()]
+                results = self._run(jobs)
+                for key, idxs in groups.items():
+                    reason = results[idxs[0]]
+                    for i in idxs:
+                        reasons[i] = reason
+                    if reason == "timeout":
+                        self.timeouts += len(idxs) - 1  # the copies did not run, but share the verdict
+                    else:  # a timeout is not remembered: it may pass on a quieter machine
+                        self._cache[key] = reason
+                        if len(self._cache) > _CACHE_SIZE:
+                            self._cache.popitem(last=False)
         out = []
         for (_gold, answer, rule, _t), reason in zip(prepared, reasons):
             assert reason in REASONS, reason
@@ -591,9 +689,7 @@ class Verifier:
         return out
 
     def _spawn(self) -> _Worker:
-        if self._ctx is None:
-            self._ctx = _mp_context()
-        w = _Worker(self._ctx, self.timeout, WORKER_MEMORY_BYTES)
+        w = _Worker(self.timeout, WORKER_MEMORY_BYTES, self.fast_path)
         self._pool.append(w)
         return w
 
@@ -604,43 +700,46 @@ class Verifier:
 
     def _run(self, jobs: list[tuple]) -> dict[int, str]:
         with self._lock:
-            return self._run_locked(jobs)
+            try:
+                return self._run_locked(jobs)
+            except BaseException:
+                # interrupted (Ctrl-C, an error): a worker still busy with this call's items would
+                # answer the next call with stale results, so stop those workers
+                for w in list(self._pool):
+                    if w.inflight:
+                        self._retire(w)
+                raise
 
     def _run_locked(self, jobs: list[tuple]) -> dict[int, str]:
         n = len(jobs)
-        if n < SMALL_BATCH:
-            chunk = n
-        else:
-            chunk = max(1, min(_MAX_CHUNK, math.ceil(n / (4 * self._size))))
+        # items with the same gold go to the same chunk: the worker parses that gold once (cache)
+        jobs = sorted(jobs, key=lambda j: (j[1], j[2]))
+        chunk = n if n < SMALL_BATCH else max(1, min(_MAX_CHUNK, math.ceil(n / (4 * self._size))))
         pending: deque[list] = deque(jobs[i : i + chunk] for i in range(0, n, chunk))
         want = min(self._size, len(pending))
-        # drop workers that died while idle; start what this batch needs
-        for w in list(self._pool):
-            if not w.proc.is_alive():
+        for w in list(self._pool):  # drop workers that died while idle
+            if not w.alive():
                 self._retire(w)
         while len(self._pool) < want:
             self._spawn()
         results: dict[int, str] = {}
         hard = self.timeout + self._grace
-
-        def assign(w: _Worker) -> None:
-            if pending and w.ready and not w.inflight:
-                part = pending.popleft()
-                w.inflight.extend(part)
-                w.deadline = time.monotonic() + hard
-                try:
-                    w.conn.send(part)
-                except (BrokenPipeError, OSError):
-                    lost(w, crashed=True)
+        failed_starts = 0
 
         def lost(w: _Worker, crashed: bool) -> None:
-            """Worker w is gone (killed for overrunning, or crashed): fail its running item, requeue the rest."""
+            """w is gone (killed for overrunning, or crashed): fail its running item, requeue the rest."""
+            nonlocal failed_starts
+            if not w.ready:
+                failed_starts += 1
+                if failed_starts > 3:
+                    self._retire(w)
+                    raise RuntimeError("verifier workers keep dying at start; see their stderr above")
             if w.inflight:
                 idx = w.inflight.popleft()[0]
                 results[idx] = "timeout"
                 self.timeouts += 1
                 if crashed:
-                    log.warning("verifier worker %s died on an item; marked 'timeout'", w.proc.pid)
+                    log.warning("verifier worker %s died on an item; marked 'timeout'", w.pid)
                 if w.inflight:
                     pending.appendleft(list(w.inflight))
                 w.inflight.clear()
@@ -648,36 +747,44 @@ class Verifier:
             if pending and len(self._pool) < want:
                 self._spawn()
 
+        def assign(w: _Worker) -> None:
+            if pending and w.ready and not w.inflight:
+                part = pending.popleft()
+                try:
+                    w.outbox.send(part)
+                except OSError:  # died while idle: nothing of this chunk ran
+                    pending.appendleft(part)
+                    lost(w, crashed=True)
+                    return
+                w.inflight.extend(part)
+                w.deadline = time.monotonic() + hard
+
         for w in list(self._pool):
             assign(w)
         while len(results) < n:
-            now = time.monotonic()
-            conns = {}
+            if not self._pool:  # every worker was lost at once; start one
+                self._spawn()
+            waiting: dict[Any, _Worker] = {}
             soonest = math.inf
             for w in self._pool:
                 if not w.ready:
-                    conns[w.conn] = w
+                    waiting[w.inbox] = w
                     soonest = min(soonest, w.started_at + WORKER_START_TIMEOUT)
                 elif w.inflight:
-                    conns[w.conn] = w
+                    waiting[w.inbox] = w
                     soonest = min(soonest, w.deadline)
-            if not conns:  # every worker was lost and none restarted (should not happen)
-                if not pending:
-                    break
-                self._spawn()
-                continue
-            ready = _wait_conns(list(conns), timeout=max(0.0, soonest - now) if soonest < math.inf else None)
-            for conn in ready:
-                w = conns[conn]
+            _wait_conns(list(waiting), timeout=max(0.0, soonest - time.monotonic()) if waiting else 0.01)
+            for conn, w in waiting.items():  # drain every answer that has arrived before judging deadlines
                 try:
                     while conn.poll():
                         msg = conn.recv()
                         if not w.ready:
                             w.ready = True
+                            failed_starts = 0
                             continue
                         idx, reason = msg
                         head = w.inflight.popleft()
-                        if head[0] != idx:  # protocol error: should never happen
+                        if head[0] != idx:
                             raise RuntimeError(f"verifier worker answered item {idx}, expected {head[0]}")
                         results[idx] = reason
                         if reason == "timeout":
@@ -685,9 +792,6 @@ class Verifier:
                         w.deadline = time.monotonic() + hard
                 except (EOFError, OSError):
                     lost(w, crashed=True)
-                    continue
-                if w.ready and not w.inflight:
-                    assign(w)
             now = time.monotonic()
             for w in list(self._pool):
                 if not w.ready and now > w.started_at + WORKER_START_TIMEOUT:
