@@ -472,6 +472,27 @@ class ObjectStore:
                 p.unlink(missing_ok=True)
         return dest
 
+    def _download_hashed(self, key: str, out: Path) -> tuple[int, str]:
+        """Stream one object to ``out``, hashing as it arrives: one pass over the bytes, not two."""
+        key = check_key(key)
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+        def go() -> tuple[int, str]:
+            h, size = hashlib.sha256(), 0
+            resp = self._client.get_object(self.bucket, key)
+            try:
+                with open(out, "wb") as fh:
+                    for chunk in resp.stream(_HASH_CHUNK):
+                        h.update(chunk)
+                        fh.write(chunk)
+                        size += len(chunk)
+            finally:
+                resp.close()
+                resp.release_conn()
+            return size, h.hexdigest()
+
+        return self._call("download", key, go)
+
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         key = check_key(key)
         self._call(
@@ -652,12 +673,9 @@ class ObjectStore:
                     raise StorageError(f"{self.where(p)}: manifest entry {rel!r} escapes the directory")
 
             def one(rel: str, meta: dict[str, Any]) -> None:
-                out = tmp / rel
-                self.download_file(f"{p}/{rel}", out)
-                size = out.stat().st_size
+                size, digest = self._download_hashed(f"{p}/{rel}", tmp / rel)
                 if size != meta.get("size"):
                     raise ChecksumError(f"{self.where(p)}/{rel}: size {size} != manifest {meta.get('size')}")
-                digest = _sha256_file(out)
                 if digest != meta.get("sha256"):
                     raise ChecksumError(f"{self.where(p)}/{rel}: sha256 {digest[:16]}... != manifest "
                                         f"{str(meta.get('sha256'))[:16]}... (corrupt object)")
