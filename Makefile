@@ -19,7 +19,7 @@ $(BIN)/thinkforge: pyproject.toml
 	touch $@
 
 $(VENV)/.test-deps: $(BIN)/thinkforge
-	$(BIN)/pip install -q -e ".[test]" "$(TORCH)"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[test]" "$(TORCH)"
 	bash scripts/install-test-services.sh
 	touch $@
 

@@ -56,8 +56,8 @@ def write_summary(summary: Any, metrics: Any, result: Any) -> dict[str, Any]:
 
 
 def train_component(stage: str, config: Any, model: Any, data: Any, trained: Any, summary: Any, metrics: Any) -> None:
+    from thinkforge.launch import stage_function
     from thinkforge.models import write_pointer
-    from thinkforge.stages import dpo, midtrain, rl, sft
 
     cfg = load_config(config)
     if not getattr(cfg, stage).enabled:
@@ -66,9 +66,27 @@ def train_component(stage: str, config: Any, model: Any, data: Any, trained: Any
         Path(summary.path).write_text(json.dumps({"skipped": True}))
         metrics.log_metric("skipped", 1.0)
         return
-    fn = {"midtrain": midtrain.midtrain, "sft": sft.sft, "dpo": dpo.dpo, "rl": rl.rl}[stage]
+    fn = stage_function(stage, cfg)  # in process, under accelerate/DeepSpeed, or as a Trainer job
     result = run_stage(cfg, stage, lambda m: fn(cfg, model.path, data.path, trained.path, metrics=m))
     write_summary(summary, metrics, result)
+
+
+PER_STAGE_LABELS = ("midtrain", "sft", "dpo")
+
+
+def eval_skip_reason(cfg: Recipe, label: str) -> str | None:
+    """Why the evaluate task of `label` (base, midtrain, sft, dpo, final) does nothing, or None."""
+    e = cfg.evaluate
+    if not e.enabled:
+        return "evaluation off (evaluate.enabled=false)"
+    if label == "base" and not (e.evaluate_base or e.per_stage):
+        return "base evaluation off (evaluate.evaluate_base=false)"
+    if label in PER_STAGE_LABELS:
+        if not e.per_stage:
+            return "per-stage evaluation off (evaluate.per_stage=false)"
+        if not getattr(cfg, label).enabled:
+            return f"{label} stage off"
+    return None
 
 
 def evaluate_component(config: Any, model: Any, label: str, results: Any, samples: Any, metrics: Any) -> None:
@@ -78,9 +96,11 @@ def evaluate_component(config: Any, model: Any, label: str, results: Any, sample
     from thinkforge.stages.evaluate import evaluate
 
     cfg = load_config(config)
-    if label == "base" and not cfg.evaluate.evaluate_base or not cfg.evaluate.enabled:
-        Path(results.path).write_text(json.dumps({"label": label, "skipped": True, "benchmarks": {}}))
+    why = eval_skip_reason(cfg, label)
+    if why:
+        Path(results.path).write_text(json.dumps({"label": label, "skipped": True, "reason": why, "benchmarks": {}}))
         Path(samples.path).mkdir(parents=True, exist_ok=True)
+        metrics.log_metric("skipped", 1.0)
         return
     work = Path(tempfile.mkdtemp(prefix=f"eval-{label}-"))
     res = run_stage(cfg, f"evaluate-{label}", lambda m: evaluate(cfg, model.path, work, label=label, metrics=m))
@@ -88,26 +108,67 @@ def evaluate_component(config: Any, model: Any, label: str, results: Any, sample
     shutil.move(str(work), samples.path)
     for bench, m in res["benchmarks"].items():
         for key, value in m.items():
-            if isinstance(value, float):
-                metrics.log_metric(f"{bench}.{key}", value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics.log_metric(f"{bench}.{key}", float(value))
 
 
-def report_component(config: Any, base_results: Any, final_results: Any, summaries: dict[str, Any],
-                     report_md: Any, report_html: Any, metrics: Any) -> None:
-    from thinkforge.stages.report import compare, markdown, to_html
+def _json(artifact: Any) -> dict[str, Any]:
+    return json.loads(Path(artifact.path).read_text())
+
+
+def publish_component(config: Any, model: Any, results: dict[str, Any], artifacts: dict[str, Any], kfp_run: str,
+                      decision: Any, model_card: Any, metrics: Any) -> None:
+    from thinkforge.stages.publish import publish
 
     cfg = load_config(config)
-    base = json.loads(Path(base_results.path).read_text())
-    final = json.loads(Path(final_results.path).read_text())
-    stages = {name: json.loads(Path(a.path).read_text()) for name, a in summaries.items()}
+    lineage = {"config": (config.path, config.uri), "model": (model.path, model.uri),
+               **{f"results_{label}": (a.path, a.uri) for label, a in results.items()},
+               **{name: (a.path, a.uri) for name, a in artifacts.items()}}
+    out = run_stage(cfg, "publish", lambda m: publish(cfg, model.path, {label: a.path for label, a in results.items()},
+                                                      lineage, kfp_run=kfp_run, metrics=m))
+    card = out.pop("card", "")
+    Path(decision.path).write_text(json.dumps(out, indent=2, default=str))
+    metrics.log_metric("published", 1.0 if out["published"] else 0.0)
+    metrics.log_metric("promoted", 1.0 if out["promoted"] else 0.0)
+    gate = out.get("gate", {})
+    for key in ("candidate_value", "champion_value", "gain"):
+        if isinstance(gate.get(key), (int, float)):
+            metrics.log_metric(f"gate.{key}", float(gate[key]))
+    if out["published"]:
+        decision.metadata.update(version=out["version"], where=out["where"])
+    verdict = "promoted" if out["promoted"] else "not promoted"
+    Path(model_card.path).write_text(f"{card}\n## Promotion\n\n**{verdict}**: {out['reason']}\n")
+    decision.metadata.update(promoted=out["promoted"], reason=out["reason"])
+    log.info("registry: %s: %s", verdict, out["reason"])
+
+
+def report_component(config: Any, results: dict[str, Any], summaries: dict[str, Any], decision: Any,
+                     report_md: Any, report_html: Any, ablation_md: Any, ablation_html: Any, metrics: Any) -> None:
+    from thinkforge.stages.report import (ablation, ablation_html as ab_html, ablation_markdown, ablation_plot,
+                                          compare, markdown, to_html)
+
+    cfg = load_config(config)
+    res = {label: _json(a) for label, a in results.items()}
+    base, final = res.get("base", {}), res.get("final", {})
+    stages = {name: _json(a) for name, a in summaries.items()}
     rows = compare(cfg, None if base.get("skipped") else base, final) if not final.get("skipped") else []
-    md = markdown(cfg, rows, stages)
+    table = ablation(cfg, res)
+    dec = _json(decision) if decision is not None else None
+    md = markdown(cfg, rows, stages, table, dec)
     Path(report_md.path).write_text(md)
     Path(report_html.path).write_text(to_html(md))
+    ab_md = ablation_markdown(cfg, table)
+    Path(ablation_md.path).write_text(ab_md)
+    Path(ablation_html.path).write_text(ab_html(ab_md, ablation_plot(table) if table["rows"] else b""))
     for r in rows:
         metrics.log_metric(f"{r['benchmark']}.final_pass@1", r["final"]["pass@1"])
         if "gain" in r:
             metrics.log_metric(f"{r['benchmark']}.gain", r["gain"]["delta"])
             metrics.log_metric(f"{r['benchmark']}.gain_ci_low", r["gain"]["ci_low"])
             metrics.log_metric(f"{r['benchmark']}.gain_ci_high", r["gain"]["ci_high"])
+    for row in table["rows"]:  # KFP's run comparison shows these side by side across runs
+        for bench, m in row["benchmarks"].items():
+            metrics.log_metric(f"stage.{row['label']}.{bench}.pass@1", m["pass@1"])
+    if dec is not None:
+        metrics.log_metric("registry.promoted", 1.0 if dec.get("promoted") else 0.0)
     print(md)

@@ -1,5 +1,7 @@
 """The DAG: the real KFP compiler's IR, and whole runs through the real kfp.local runner."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from thinkforge.config import flatten, load_recipe
 from thinkforge.pipelines.training import compile_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["generate", "filter-rollouts", "midtrain", "sft", "dpo", "rl", "evaluate"]
+STAGES = ["generate", "filter-rollouts", "midtrain", "sft", "dpo", "rl", "evaluate", "publish", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,11 @@ def test_seven_stage_components_with_typed_artifacts(ir):
     assert _artifact_types(comps["comp-evaluate"], "output")["metrics"] == "system.Metrics"
     rep = _artifact_types(comps["comp-report"], "output")
     assert rep["report_md"] == "system.Markdown" and rep["report_html"] == "system.HTML"
+    assert rep["ablation_md"] == "system.Markdown" and rep["ablation_html"] == "system.HTML"
+    assert rep["metrics"] == "system.Metrics"
+    pub = _artifact_types(comps["comp-publish"], "output")
+    assert pub == {"decision": "system.Artifact", "model_card": "system.Markdown", "metrics": "system.Metrics"}
+    assert _artifact_types(comps["comp-publish"], "input")["model"] == "system.Model"
 
 
 def test_stages_are_wired_in_recipe_order(ir):
@@ -57,6 +64,18 @@ def test_stages_are_wired_in_recipe_order(ir):
     assert producer("rl", "model") == "dpo"
     assert producer("evaluate-2", "model") == "rl"
     assert producer("evaluate", "model") == "prepare-model"
+    # the ablation's middle rows: the model after mid-train, SFT and DPO (each runs only with per_stage)
+    assert [producer(f"evaluate-{i}", "model") for i in (3, 4, 5)] == ["midtrain", "sft", "dpo"]
+    labels = {t: tasks[t]["inputs"]["parameters"]["label"]["runtimeValue"]["constant"]
+              for t in ("evaluate", "evaluate-2", "evaluate-3", "evaluate-4", "evaluate-5")}
+    assert labels == {"evaluate": "base", "evaluate-2": "final", "evaluate-3": "midtrain", "evaluate-4": "sft",
+                      "evaluate-5": "dpo"}
+    assert producer("publish", "model") == "rl"
+    assert {a: producer("publish", f"{a}_results") for a in ("base", "midtrain", "sft", "dpo", "final")} == {
+        "base": "evaluate", "midtrain": "evaluate-3", "sft": "evaluate-4", "dpo": "evaluate-5", "final": "evaluate-2"}
+    assert tasks["publish"]["inputs"]["parameters"]["kfp_run"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert producer("report", "decision") == "publish"
+    assert producer("report", "dpo_results") == "evaluate-5"
 
 
 def test_every_recipe_field_is_a_pipeline_parameter(ir):
@@ -64,26 +83,110 @@ def test_every_recipe_field_is_a_pipeline_parameter(ir):
     params = ir["root"]["inputDefinitions"]["parameters"]
     flat = flatten(recipe)
     assert set(params) == set(flat)  # every field but the compile-time `cluster` section
-    assert params["rl__max_steps"]["defaultValue"] == 30
+    assert params["rl__max_steps"]["defaultValue"] == recipe.rl.max_steps
     assert params["template__think"]["defaultValue"] is False
     assert params["evaluate__benchmarks"]["parameterType"] == "LIST"
 
 
-def _run(*args, timeout=900):
+def _run(*args, timeout=900, env=None):
     return subprocess.run([sys.executable, "-m", "thinkforge.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(s3_server, tmp_path_factory):
+    """One smoke-recipe DAG run (per-stage evaluation on) publishing to a fresh bucket on the S3 server."""
+    from plugins.s3 import new_bucket_name
+
+    root = tmp_path_factory.mktemp("smoke")
+    bucket = new_bucket_name()
+    env = {**os.environ, **s3_server.env()}
+    proc = _run("run", "--recipe", "recipes/smoke.yaml", "--pipeline-root", str(root),
+                "--set", f"storage.bucket={bucket}", env=env)
+    try:
+        yield proc, root, s3_server.store(bucket, create=False), env
+    finally:
+        s3_server.drop_bucket(bucket)
+
+
+def _artifact(root, task, name):
+    [path] = root.glob(f"*/{task}/{name}")
+    return path
 
 
 @pytest.mark.e2e
-def test_smoke_dag_runs_locally_end_to_end(tmp_path):
-    proc = _run("run", "--recipe", "recipes/smoke.yaml", "--pipeline-root", str(tmp_path))
+def test_smoke_dag_runs_locally_end_to_end(smoke_run):
+    proc, root, _, _ = smoke_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "# thinkforge report: smoke" in out and "| word-problems | 8 |" in out
     report = Path(out.split("report (Markdown): ")[1].split()[0])
-    assert report.exists() and "## Stages" in report.read_text()
-    for stage in ("generate", "filter-rollouts", "midtrain", "sft", "dpo", "rl", "evaluate", "evaluate-2"):
-        assert any(tmp_path.glob(f"*/{stage}")), stage
+    text = report.read_text()
+    assert "## Stages" in text and "## By stage (ablation)" in text and "## Registry" in text
+    assert "**promoted** to champion: no champion yet" in text
+    for stage in ("generate", "filter-rollouts", "midtrain", "sft", "dpo", "rl", "evaluate", "evaluate-2",
+                  "evaluate-3", "evaluate-4", "evaluate-5", "publish", "report"):
+        assert any(root.glob(f"*/{stage}")), stage
+
+
+@pytest.mark.e2e
+def test_smoke_run_writes_the_per_stage_ablation_table(smoke_run):
+    proc, root, _, _ = smoke_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = _artifact(root, "report", "ablation_md").read_text()
+    assert "| model | word-problems pass@1 |" in md
+    for row in ("| base |", "| +mid-train |", "| +SFT |", "| +DPO |", "| +RL |"):
+        assert row in md, row
+    page = _artifact(root, "report", "ablation_html").read_text()
+    assert "data:image/png;base64,iVBOR" in page and "<td>+DPO</td>" in page
+    # every stage's model was really evaluated (none skipped)
+    evaluated = {json.loads(p.read_text())["label"] for p in root.glob("*/evaluate*/results")
+                 if not json.loads(p.read_text()).get("skipped")}
+    assert evaluated == {"base", "midtrain", "sft", "dpo", "final"}
+
+
+@pytest.mark.e2e
+def test_smoke_run_publishes_a_complete_registry_entry(smoke_run):
+    proc, root, store, _ = smoke_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    decision = json.loads(_artifact(root, "publish", "decision").read_text())
+    assert decision["promoted"] and decision["where"].startswith(f"s3://{store.bucket}/registry/smoke/versions/")
+    champion = store.get_json("registry/smoke/champion.json")
+    assert champion["version"] == decision["version"]
+    entry = f"registry/smoke/versions/{decision['version']}"
+    manifest = store.get_json(f"{entry}/manifest.json")
+    assert manifest["config_digest"] == load_recipe(ROOT / "recipes" / "smoke.yaml", {
+        "storage.bucket": store.bucket}).digest()
+    assert set(manifest["stages"]) == {"base", "midtrain", "sft", "dpo", "final"}
+    assert manifest["metrics"]["word-problems"]["n_problems"] == 8
+    assert manifest["lineage"]["kfp_run"] and manifest["lineage"]["sources"]["student"] == "random:llama-tiny"
+    assert {"config", "model", "results_final", "filter_summary"} <= set(manifest["lineage"]["artifacts"])
+    keys = set(store.list_keys(entry))
+    assert set(manifest["files"]) == {k[len(entry) + 1:] for k in keys} - {"manifest.json", "model/_MANIFEST.json"}
+    assert any(k.endswith("model/model.safetensors") for k in keys)
+    assert "## Promotion" in _artifact(root, "publish", "model_card").read_text()
+
+
+@pytest.mark.e2e
+def test_a_second_run_that_is_not_better_is_not_promoted(smoke_run, tmp_path):
+    """Run 2 starts from run 1's final model and trains nothing: not better, so not promoted; the run
+    still succeeds and says why."""
+    proc, root, store, env = smoke_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads(_artifact(root, "publish", "decision").read_text())
+    final_model = _artifact(root, "rl", "trained")
+    sets = [f"storage.bucket={store.bucket}", f"model.student={final_model}", "evaluate.per_stage=false",
+            *(f"{s}.enabled=false" for s in ("midtrain", "sft", "dpo", "rl"))]
+    proc2 = _run("run", "--recipe", "recipes/smoke.yaml", "--pipeline-root", str(tmp_path),
+                 *(a for s in sets for a in ("--set", s)), env=env)
+    assert proc2.returncode == 0, proc2.stdout[-3000:] + proc2.stderr[-3000:]
+    second = json.loads(_artifact(tmp_path, "publish", "decision").read_text())
+    assert second["published"] and not second["promoted"]
+    assert f"does not beat the champion {first['version']}" in second["reason"]
+    assert "**not promoted**: word-problems pass@1" in proc2.stdout
+    assert store.get_json("registry/smoke/champion.json")["version"] == first["version"]
+    assert len(store.list_prefixes("registry/smoke/versions")) == 2
+    assert store.get_json(f"registry/smoke/decisions/{second['version']}.json")["promoted"] is False
 
 
 @pytest.mark.e2e

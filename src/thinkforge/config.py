@@ -70,6 +70,31 @@ class GenerateConfig(Section):
     sample_imported: bool = Field(
         False, description="Also sample the teacher on problems that already carry a trace (import mode)."
     )
+    api: Literal["chat", "completions"] = Field(
+        "chat", description="engine=openai: /chat/completions (server applies its chat template) or /completions."
+    )
+    completions_tokenizer: str = Field(
+        "", description="engine=openai: tokenizer whose chat template renders prompts for api=completions and "
+        "counts tokens when a request returns several choices (same forms as model.student; empty = none)."
+    )
+    concurrency: int = Field(16, ge=1, description="engine=openai: requests in flight at once.")
+    request_timeout_s: float = Field(600.0, gt=0.0, description="engine=openai: hard deadline of one request.")
+    max_retries: int = Field(5, ge=0, description="engine=openai: retries on 429/5xx/timeouts/connection errors.")
+    retry_backoff_s: float = Field(1.0, ge=0.0, description="engine=openai: first retry delay (doubles, jittered).")
+    max_response_bytes: int = Field(16 << 20, ge=1024, description="engine=openai: abandon larger answers.")
+    fan_out: bool = Field(
+        False, description="engine=openai: one request per sample instead of n per request (servers that "
+        "reject n > 1; servers that ignore n are detected without this)."
+    )
+    shard_prompts: int = Field(128, ge=1, description="Prompts per output shard (the unit of resume).")
+    shard_dir: str = Field(
+        "", description="Where shards live (empty = <output>.shards); a persistent path lets a retried task resume."
+    )
+    keep_shards: bool = Field(False, description="Keep shards after the final file is written (always kept "
+                              "when samples failed, so a rerun retries only those).")
+    max_error_fraction: float = Field(
+        0.2, ge=0.0, le=1.0, description="Fail the stage (shards kept; a rerun resumes) when more samples failed."
+    )
 
 
 class FilterConfig(Section):
@@ -79,6 +104,25 @@ class FilterConfig(Section):
     sft_per_prompt: int = Field(2, ge=1, description="At most this many accepted rollouts of one prompt in SFT.")
     dpo_pairs_per_prompt: int = Field(1, ge=0)
     min_kept: int = Field(1, ge=1, description="Fail the run when fewer rollouts are accepted.")
+    dedup_prompts: bool = Field(True, description="Drop exact and near-duplicate problems (the first copy stays).")
+    near_duplicate_jaccard: float = Field(
+        0.8, ge=0.0, le=1.0, description="Word-3-shingle Jaccard at which a problem with the same reference "
+        "answer is a near duplicate (1 = exact duplicates only)."
+    )
+    decontaminate: bool = Field(True, description="Drop problems that overlap the evaluate.benchmarks sources.")
+    decontaminate_ngram: int = Field(8, ge=1, description="Word n-gram size of the decontamination check.")
+    decontaminate_threshold: float = Field(
+        0.7, ge=0.0, le=1.0, description="Shared n-grams / n-grams of the smaller problem at which a problem is "
+        "contaminated (0 = any shared n-gram)."
+    )
+    decontaminate_extra: list[str] = Field(
+        default_factory=list, description="More prompt sources to decontaminate against (same forms as data.train)."
+    )
+    repetition_ngram: int = Field(8, ge=2, description="Word n-gram size of the repetition (loop) check.")
+    repetition_max_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Drop completions whose share of repeated n-grams (whole text or last "
+        "256 words) reaches this (1 = off)."
+    )
 
 
 class TrainConfig(Section):
@@ -195,10 +239,22 @@ class RLConfig(TrainConfig):
 
 
 class Benchmark(Section):
-    name: str
-    source: str = Field(description="Prompt source (path, URI, hub name or builtin:...).")
+    """One benchmark: a catalog entry (thinkforge.evalsets: math500, aime24, amc23, gsm8k, gpqa-diamond)
+    and/or a source; anything else is a custom set (a problems file, or any JSONL with a field map)."""
+
+    name: str = Field(description="Name in reports and metrics; also the catalog entry when `dataset` is empty.")
+    dataset: str = Field("", description="Catalog entry (math500, aime24, amc23, gsm8k, gpqa-diamond, custom); "
+                         "empty = `name` when it is a catalog entry, else custom.")
+    source: str = Field("", description="Prompt source (path, s3://, hf:name[:split][?config=c], builtin:...); "
+                        "empty = the catalog entry's default source.")
     limit: int = Field(0, ge=0, description="Evaluate at most this many problems (0 = all).")
-    k: int = Field(0, ge=0, description="Samples per problem (0 = evaluate.k).")
+    k: int = Field(0, ge=0, description="Samples per problem (0 = evaluate.k, else the catalog's default).")
+    answer_type: Literal["", "math", "integer", "choice"] = Field(
+        "", description="How answers compare: math (equivalence), integer, choice (a letter); empty = the catalog's.")
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="Field map of a custom set: {problem|answer|id|subject|level|choices: "
+        "<column in the file>}.")
+    seed: int = Field(0, ge=0, description="Seed of the fixed shuffle of multiple-choice options.")
 
 
 class EvaluateConfig(Section):
@@ -206,7 +262,8 @@ class EvaluateConfig(Section):
     benchmarks: list[Benchmark] = Field(
         default_factory=lambda: [Benchmark(name="word-problems", source="builtin:word-problems?split=test", limit=40)]
     )
-    k: int = Field(4, ge=1, description="Samples per problem.")
+    k: int = Field(0, ge=0, description="Samples per problem for benchmarks without their own k "
+                   "(0 = each benchmark's catalog default; 4 for custom sets).")
     pass_k: list[int] = Field(default_factory=lambda: [1, 4])
     temperature: float = Field(0.6, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
@@ -214,6 +271,12 @@ class EvaluateConfig(Section):
     batch_size: int = Field(32, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     engine: Literal["hf", "vllm", "openai"] = "hf"
+    endpoint: str = Field("", description="Base URL of an OpenAI-compatible server (engine=openai): scores a hosted "
+                          "model with the same code.")
+    endpoint_model: str = Field("", description="Model name to request from the endpoint.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (engine=vllm).")
+    per_stage: bool = Field(False, description="Also evaluate after mid-train, SFT and DPO: the paper's ablation "
+                            "table (base / +mid-train / +SFT / +DPO / +RL).")
     extraction: Literal["strict", "fallback"] = Field(
         "fallback", description="strict: only \\boxed{} / 'the answer is'; fallback: also the last number."
     )
@@ -226,6 +289,23 @@ class EvaluateConfig(Section):
         if bad:
             raise ValueError(f"pass_k entries must be >= 1, got {bad}")
         return self
+
+
+class RegistryConfig(Section):
+    """The model registry: every finished run publishes its final model, eval results and recipe under
+    `<prefix>/<name>/versions/<version>/` (manifest last); a promotion gate moves `champion.json`."""
+
+    enabled: bool = Field(True, description="Publish the final model at the end of the run.")
+    name: str = Field("", description="Registry entry (the model line) to publish under; empty = run.name.")
+    prefix: str = Field("registry", description="Key prefix in storage.bucket (MinIO/S3) or under local_dir.")
+    local_dir: str = Field("", description="Registry directory used when no storage endpoint is configured; "
+                           "empty = <run.output_dir>/registry.")
+    benchmark: str = Field("", description="Benchmark the promotion gate compares on; empty = the first one.")
+    metric: str = Field("pass@1", pattern=r"^(pass|cons)@[1-9][0-9]*$",
+                        description="Metric of that benchmark the gate compares (pass@1, pass@k, cons@k).")
+    margin: float = Field(0.0, ge=0.0, le=1.0, description="Promote only when the candidate beats the champion by "
+                          "more than this (absolute; 0.01 = one point).")
+    force: bool = Field(False, description="Promote whatever the gate says (a manual override, recorded as such).")
 
 
 class StorageConfig(Section):
@@ -317,6 +397,7 @@ class Recipe(Section):
     rl: RLConfig = Field(default_factory=RLConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from thinkforge.config import Recipe
 from thinkforge.records import SFT_FIELDS
-from thinkforge.stages.train import TrainResult, callbacks, finish, load_student, read_rows, training_args
+from thinkforge.stages.train import TrainResult, callbacks, checkpointing, finish, fit, load_student, read_rows, \
+    training_args
 from thinkforge.templates import render_prompt, render_target
 
 
@@ -26,9 +27,10 @@ def sft(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir: str
         # The end-of-turn token is part of the target, so the model learns to stop by itself.
         "completion": [render_target(tok, r["completion"]) for r in rows],
     })
-    args = training_args(SFTConfig, t, Path(out_dir) / "trainer", cfg.run.seed, max_length=t.max_length,
-                         packing=False, completion_only_loss=True)
+    # No packing: each example is one sequence, so the loss sees exactly where each answer ends.
+    args = training_args(SFTConfig, t, Path(out_dir) / "trainer", cfg.run.seed, checkpoints=checkpointing(cfg, t),
+                         max_length=t.max_length, packing=False, completion_only_loss=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                          callbacks=callbacks(metrics, model))
-    trainer.train()
-    return finish(trainer, tok, out_dir, len(rows), start)
+    info = fit(trainer, cfg, "sft", t, model_path, data_path, Path(out_dir) / "trainer", metrics)
+    return finish(trainer, tok, out_dir, len(rows), start, **info)

@@ -1,11 +1,31 @@
-"""What every training stage shares: arguments from the config, data rendering, saving, results.
+"""What every training stage shares: arguments from the config, data rendering, checkpoints, saving, results.
 
-One setup for mid-train, SFT, DPO and RL (open-r1 repeats ~40 lines per script; we don't).
+One setup for mid-train, SFT, DPO and RL (open-r1 repeats ~40 lines per script; we don't):
+
+- :func:`training_args` turns a :class:`TrainConfig` into TRL/transformers arguments (CPU or GPU, bf16,
+  DeepSpeed when the stage runs under ``accelerate launch``, periodic checkpoints when object storage
+  is configured);
+- :func:`fit` runs ``trainer.train()`` with checkpoints in object storage: every ``save_steps`` a
+  complete Trainer checkpoint (weights, optimizer, scheduler, RNG, trainer state = data position) is
+  uploaded by :class:`thinkforge.checkpoints.CheckpointSync` under
+  ``<storage.prefix>/<run>/<stage>/checkpoints/<fingerprint>/checkpoint-<step>`` (manifest last, the
+  newest ``keep_checkpoints`` kept), and a restarted stage (a KFP retry, a preempted pod) resumes from
+  the newest complete one (:func:`thinkforge.checkpoints.restore_latest`);
+- :func:`finish` saves the model (safetensors) and summarizes the log history.
+
+The fingerprint ties checkpoints to one attempt at one piece of work (the stage's settings, the
+model, template and seed, the input data and the input model), so a new run under the same run name
+with other settings or data never resumes someone else's weights. ``THINKFORGE_CHECKPOINT_PREFIX``
+pins the prefix explicitly (every worker of a multi-node job uses the same one).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,7 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from thinkforge.config import Recipe, TrainConfig
-from thinkforge.models import load_model, load_tokenizer, save_model
+from thinkforge.models import follow_pointer, load_model, load_tokenizer, save_model
+
+log = logging.getLogger("thinkforge.train")
+
+ENV_CHECKPOINT_PREFIX = "THINKFORGE_CHECKPOINT_PREFIX"
+ENV_LAUNCHED = "THINKFORGE_LAUNCHED"  # set by thinkforge.launch for the processes it starts
+ENV_DEEPSPEED_CONFIG = "THINKFORGE_DEEPSPEED_CONFIG"
 
 
 @dataclass
@@ -34,14 +60,40 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def training_args(config_cls: type, t: TrainConfig, out_dir: str | Path, seed: int, **extra: Any) -> Any:
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def checkpointing(cfg: Recipe, t: TrainConfig) -> bool:
+    """Periodic checkpoints go to object storage when an endpoint is configured and save_steps > 0."""
+    from thinkforge.storage import ENV_ENDPOINT
+
+    return t.save_steps > 0 and bool(cfg.storage.endpoint or os.environ.get(ENV_ENDPOINT))
+
+
+def training_args(config_cls: type, t: TrainConfig, out_dir: str | Path, seed: int, *, checkpoints: bool = False,
+                  **extra: Any) -> Any:
+    """TRL/transformers arguments from a stage config. ``checkpoints``: save every ``t.save_steps`` steps
+    (the local copies are rotated to ``t.keep_checkpoints``; :func:`fit` uploads them)."""
     gpu = on_gpu()
+    # Under `accelerate launch --use_deepspeed` the Trainer takes DeepSpeed from accelerate's plugin (and
+    # fills the config's "auto" values once the processes are up); passing `deepspeed=` here as well
+    # would fill them before, with a world size of 1.
+    ds = os.environ.get(ENV_DEEPSPEED_CONFIG) if os.environ.get(ENV_LAUNCHED) else None
+    if ds and not gpu:
+        # DeepSpeed on CPU: without a backend named, accelerate treats the launch as one process
+        # (num_processes=1), so "auto" batch sizes and data sharding come out wrong; gloo gives the real size.
+        extra.setdefault("ddp_backend", "gloo")
+    save: dict[str, Any] = {"save_strategy": "no"}
+    if checkpoints:
+        save = {"save_strategy": "steps", "save_steps": t.save_steps, "save_total_limit": t.keep_checkpoints}
     return config_cls(
         output_dir=str(out_dir),
         learning_rate=t.learning_rate,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type=t.lr_scheduler,
@@ -49,14 +101,14 @@ def training_args(config_cls: type, t: TrainConfig, out_dir: str | Path, seed: i
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
         bf16=t.bf16 and gpu,
-        use_cpu=not gpu,
+        use_cpu=not gpu and not ds,  # DeepSpeed on CPU runs without --cpu (DESIGN.md section 3)
         gradient_checkpointing=t.gradient_checkpointing,
         report_to=[],
-        save_strategy="no",
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,
         disable_tqdm=not sys.stderr.isatty(),
+        **save,
         **extra,
     )
 
@@ -88,15 +140,104 @@ def callbacks(metrics: Any, model: Any) -> list[Any]:
     return [MetricsCallback(metrics, flops_per_token=6 * n_params)]
 
 
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _hash_file(h: Any, path: Path) -> None:
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def fingerprint(cfg: Recipe, stage: str, model_path: str | Path, data_path: str | Path) -> str:
+    """What one attempt at a stage is: its settings, model/template/seed, the data bytes, the input model.
+
+    The input model counts by its config and the names and sizes of its files (hashing gigabytes of
+    weights on every start would cost more than it protects)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"stage": stage, "settings": getattr(cfg, stage).model_dump(),
+                         "model": cfg.model.model_dump(), "template": cfg.template.model_dump(),
+                         "seed": cfg.run.seed}, sort_keys=True).encode())
+    data = Path(data_path)
+    if data.is_file():
+        _hash_file(h, data)
+    mdir = follow_pointer(Path(model_path)) if Path(model_path).exists() else Path(str(model_path))
+    if mdir.is_dir():
+        for f in sorted(mdir.iterdir()):
+            if f.is_file():
+                h.update(f"{f.name}:{f.stat().st_size}".encode())
+                if f.name == "config.json":
+                    _hash_file(h, f)
+    else:
+        h.update(str(model_path).encode())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_prefix(store: Any, cfg: Recipe, stage: str, model_path: str | Path, data_path: str | Path) -> str:
+    pinned = os.environ.get(ENV_CHECKPOINT_PREFIX)
+    if pinned:
+        return pinned.strip("/")
+    return store.run_prefix(cfg.run.name, stage, "checkpoints", fingerprint(cfg, stage, model_path, data_path))
+
+
+def _latest_local(root: Path) -> Path | None:
+    from thinkforge.checkpoints import checkpoint_step
+    from thinkforge.storage import local_is_complete
+
+    found = [(checkpoint_step(p.name), p) for p in root.glob("checkpoint-*") if local_is_complete(p)]
+    found = [(s, p) for s, p in found if s is not None]
+    return max(found)[1] if found else None
+
+
+def fit(trainer: Any, cfg: Recipe, stage: str, t: TrainConfig, model_path: str | Path, data_path: str | Path,
+        work_dir: str | Path, metrics: Any = None) -> dict[str, Any]:
+    """``trainer.train()`` with checkpoints in object storage and resume; returns what happened
+    (``{"resumed_from": step or None, "checkpoint_prefix": uri or None}``)."""
+    info: dict[str, Any] = {"resumed_from": None, "checkpoint_prefix": None}
+    resume: str | None = None
+    if checkpointing(cfg, t):
+        from thinkforge.checkpoints import CheckpointSync, checkpoint_step, restore_latest
+        from thinkforge.storage import ObjectStore
+
+        store = ObjectStore.from_config(cfg.storage)
+        prefix = checkpoint_prefix(store, cfg, stage, model_path, data_path)
+        info["checkpoint_prefix"] = store.uri(prefix)
+        acc = trainer.accelerator
+        restored_dir = Path(work_dir) / "restored"
+        if acc.is_main_process:
+            store.ensure_bucket()
+        if acc.is_local_main_process:
+            path = restore_latest(store, prefix, restored_dir)
+        acc.wait_for_everyone()
+        if not acc.is_local_main_process:
+            path = _latest_local(restored_dir)
+        if path is not None:
+            resume = str(path)
+            info["resumed_from"] = checkpoint_step(path.name)
+            log.info("%s: resuming from %s (step %s)", stage, store.uri(prefix), info["resumed_from"])
+        trainer.add_callback(CheckpointSync(store, prefix, keep=t.keep_checkpoints, metrics=metrics))
+    trainer.train(resume_from_checkpoint=resume)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
 def finish(trainer: Any, tokenizer: Any, out_dir: str | Path, examples: int, start: float,
            metric: str = "loss", **extra: Any) -> TrainResult:
     """Save the trained model (safetensors) and summarize the run's log history."""
     history = [h for h in trainer.state.log_history if "loss" in h or metric in h]
-    values = [h[metric] for h in history if metric in h]
-    bad = next((h for h in history if not math.isfinite(float(h.get("loss", 0.0)))), None)
+    values = [h[metric] for h in history if metric in h and h[metric] is not None]
+    bad = next((h for h in history if not math.isfinite(float(h.get("loss") or 0.0))), None)
     if bad is not None:
         raise FloatingPointError(f"loss became {bad['loss']} at step {bad.get('step')}; model not saved")
-    save_model(trainer.model, tokenizer, out_dir)
+    if getattr(trainer, "is_deepspeed_enabled", False) or trainer.args.world_size > 1:
+        # Sharded (ZeRO-3) or replicated weights: the Trainer gathers them and writes from rank 0.
+        trainer.save_model(str(out_dir))
+        if trainer.accelerator.is_main_process:
+            tokenizer.save_pretrained(out_dir)
+    else:
+        save_model(trainer.model, tokenizer, out_dir)
     return TrainResult(
         steps=trainer.state.global_step,
         examples=examples,
