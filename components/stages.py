@@ -90,26 +90,51 @@ def rl(config: Input[Artifact], model: Input[Model], data: Input[Dataset], train
 
 def evaluate(config: Input[Artifact], model: Input[Model], label: str, results: Output[Artifact],
              samples: Output[Dataset], metrics: Output[Metrics]):
-    """Stage 7: k samples per problem on every benchmark; pass@1 ± SE, cons@k, pass@k."""
+    """Stage 7: k samples per problem on every benchmark; pass@1 ± SE, cons@k, pass@k. `label` is base,
+    midtrain, sft, dpo (these three only with evaluate.per_stage) or final."""
     from thinkforge.components.common import evaluate_component
 
     evaluate_component(config, model, label, results, samples, metrics)
 
 
-def report(config: Input[Artifact], base_results: Input[Artifact], final_results: Input[Artifact],
+def publish(config: Input[Artifact], model: Input[Model], base_results: Input[Artifact],
+            midtrain_results: Input[Artifact], sft_results: Input[Artifact], dpo_results: Input[Artifact],
+            final_results: Input[Artifact], generate_summary: Input[Artifact], filter_summary: Input[Artifact],
+            midtrain_summary: Input[Artifact], sft_summary: Input[Artifact], dpo_summary: Input[Artifact],
+            rl_summary: Input[Artifact], kfp_run: str, decision: Output[Artifact], model_card: Output[Markdown],
+            metrics: Output[Metrics]):
+    """Publish the final model, its eval results and the recipe to the registry; promote it when it beats
+    the champion by the configured margin ("not promoted" is an outcome, not a failure)."""
+    from thinkforge.components.common import publish_component
+
+    publish_component(config, model,
+                      {"base": base_results, "midtrain": midtrain_results, "sft": sft_results, "dpo": dpo_results,
+                       "final": final_results},
+                      {"generate_summary": generate_summary, "filter_summary": filter_summary,
+                       "midtrain_summary": midtrain_summary, "sft_summary": sft_summary,
+                       "dpo_summary": dpo_summary, "rl_summary": rl_summary},
+                      kfp_run, decision, model_card, metrics)
+
+
+def report(config: Input[Artifact], base_results: Input[Artifact], midtrain_results: Input[Artifact],
+           sft_results: Input[Artifact], dpo_results: Input[Artifact], final_results: Input[Artifact],
            generate_summary: Input[Artifact], filter_summary: Input[Artifact], midtrain_summary: Input[Artifact],
            sft_summary: Input[Artifact], dpo_summary: Input[Artifact], rl_summary: Input[Artifact],
-           report_md: Output[Markdown], report_html: Output[HTML], metrics: Output[Metrics]):
-    """The run report: base vs final on every benchmark, and what each stage did."""
+           decision: Input[Artifact], report_md: Output[Markdown], report_html: Output[HTML],
+           ablation_md: Output[Markdown], ablation_html: Output[HTML], metrics: Output[Metrics]):
+    """The run report: base vs final on every benchmark, the per-stage ablation table with its plot, the
+    registry's decision, and what each stage did."""
     from thinkforge.components.common import report_component
 
-    report_component(config, base_results, final_results,
+    report_component(config,
+                     {"base": base_results, "midtrain": midtrain_results, "sft": sft_results, "dpo": dpo_results,
+                      "final": final_results},
                      {"generate": generate_summary, "filter": filter_summary, "midtrain": midtrain_summary,
                       "sft": sft_summary, "dpo": dpo_summary, "rl": rl_summary},
-                     report_md, report_html, metrics)
+                     decision, report_md, report_html, ablation_md, ablation_html, metrics)
 
 
-STAGES = ("generate", "filter_rollouts", "midtrain", "sft", "dpo", "rl", "evaluate")
+STAGES = ("generate", "filter_rollouts", "midtrain", "sft", "dpo", "rl", "evaluate", "publish")
 
 
 def build(image: str, parameters: dict) -> SimpleNamespace:
@@ -118,5 +143,5 @@ def build(image: str, parameters: dict) -> SimpleNamespace:
     from thinkforge.components.configure import configure_function
 
     fns = (configure_function(parameters), prepare_model, generate, filter_rollouts, midtrain, sft, dpo, rl,
-           evaluate, report)
+           evaluate, publish, report)
     return SimpleNamespace(**{f.__name__: dsl.component(base_image=image)(f) for f in fns})

@@ -1,9 +1,14 @@
-"""The thinkforge DAG: generate -> filter -> mid-train -> SFT -> DPO -> RL -> evaluate -> report.
+"""The thinkforge DAG: generate -> filter -> mid-train -> SFT -> DPO -> RL -> evaluate -> publish -> report.
 
 Every recipe field is a pipeline parameter named `<section>__<field>`, defaulting to the recipe's value,
 so a run submitted from the KFP UI can set any of them; the `configure` task takes each as a typed
 input, validates them as one recipe and every stage reads that artifact. Stages switched off (`<stage>__enabled=false`) pass their
 input model through by reference.
+
+Evaluation runs on the base and final models, and with `evaluate__per_stage=true` also after mid-train,
+SFT and DPO (the ablation table). `publish` puts the final model, its eval results and the recipe in the
+model registry and runs the promotion gate; the report then shows the comparison, the ablation table and
+the promotion decision.
 """
 
 from __future__ import annotations
@@ -48,11 +53,23 @@ def build_pipeline(recipe: Recipe, image: str = ""):
         base_eval = task(c.evaluate, "evaluate", "7 evaluate base", config=cfg, model=base, label="base")
         final_eval = task(c.evaluate, "evaluate", "7 evaluate final", config=cfg, model=rl.outputs["trained"],
                           label="final")
-        rep = task(c.report, "report", "report", config=cfg, base_results=base_eval.outputs["results"],
-                   final_results=final_eval.outputs["results"],
-                   generate_summary=gen.outputs["summary"], filter_summary=flt.outputs["summary"],
-                   midtrain_summary=mid.outputs["summary"], sft_summary=sft.outputs["summary"],
-                   dpo_summary=dpo.outputs["summary"], rl_summary=rl.outputs["summary"])
+        # The ablation table's middle rows: each does nothing unless evaluate__per_stage is true (a run
+        # parameter, so the tasks are always in the DAG and decide at run time).
+        stage_evals = {
+            label: task(c.evaluate, "evaluate", f"7 evaluate {title}", config=cfg, model=t.outputs["trained"],
+                        label=label).outputs["results"]
+            for label, title, t in (("midtrain", "+mid-train", mid), ("sft", "+SFT", sft), ("dpo", "+DPO", dpo))
+        }
+        results = {"base_results": base_eval.outputs["results"],
+                   **{f"{label}_results": r for label, r in stage_evals.items()},
+                   "final_results": final_eval.outputs["results"]}
+        summaries = {"generate_summary": gen.outputs["summary"], "filter_summary": flt.outputs["summary"],
+                     "midtrain_summary": mid.outputs["summary"], "sft_summary": sft.outputs["summary"],
+                     "dpo_summary": dpo.outputs["summary"], "rl_summary": rl.outputs["summary"]}
+        pub = task(c.publish, "publish", "8 publish", config=cfg, model=rl.outputs["trained"],
+                   kfp_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **results, **summaries)
+        rep = task(c.report, "report", "report", config=cfg, decision=pub.outputs["decision"], **results,
+                   **summaries)
         return rep.outputs["report_md"]
 
     thinkforge.__signature__ = inspect.Signature(

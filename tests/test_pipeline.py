@@ -176,6 +176,7 @@ def test_a_second_run_that_is_not_better_is_not_promoted(smoke_run, tmp_path):
     first = json.loads(_artifact(root, "publish", "decision").read_text())
     final_model = _artifact(root, "rl", "trained")
     sets = [f"storage.bucket={store.bucket}", f"model.student={final_model}", "evaluate.per_stage=false",
+            "evaluate.evaluate_base=false", "generate.sample_imported=false",  # nothing to sample or compare
             *(f"{s}.enabled=false" for s in ("midtrain", "sft", "dpo", "rl"))]
     proc2 = _run("run", "--recipe", "recipes/smoke.yaml", "--pipeline-root", str(tmp_path),
                  *(a for s in sets for a in ("--set", s)), env=env)

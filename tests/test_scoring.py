@@ -73,3 +73,41 @@ def test_paired_bootstrap_detects_a_real_gain_and_not_noise():
     assert same["ci_low"] == same["ci_high"] == 0.0
     with pytest.raises(ValueError, match="no problem scored in both"):
         paired_bootstrap({"a": 1.0}, {"b": 1.0})
+
+
+def test_pass_at_k_stable_where_binomials_overflow_floats():
+    from fractions import Fraction
+
+    n, c, k = 4096, 7, 600  # C(4096, 600) ~ 1e800: beyond any float
+    with pytest.raises(OverflowError):
+        float(math.comb(n, k))
+    exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+    assert pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-12)
+
+
+def test_votes_ignore_whitespace_and_dollars_and_use_normalized_votes():
+    assert majority_correct(["1/2", "$1/2$", " 1 / 2", "3"], [True, True, True, False])
+    m = score_samples([
+        {"problem_id": "a", "correct": True, "extracted": "033", "vote": "33"},
+        {"problem_id": "a", "correct": True, "extracted": "33", "vote": "33"},
+        {"problem_id": "a", "correct": False, "extracted": "7", "vote": "7"},
+    ])
+    assert m["cons@3"] == 1.0
+
+
+def test_errors_truncation_lengths_and_groups():
+    samples = [
+        {"problem_id": "a", "correct": True, "extracted": "1", "num_tokens": 10, "finish_reason": "stop",
+         "subject": "Algebra", "level": 1},
+        {"problem_id": "a", "correct": False, "extracted": None, "num_tokens": 0, "finish_reason": "error",
+         "subject": "Algebra", "level": 1},
+        {"problem_id": "b", "correct": False, "extracted": "2", "num_tokens": 30, "finish_reason": "length",
+         "subject": "Geometry", "level": 3},
+        {"problem_id": "b", "correct": False, "extracted": "2", "num_tokens": 20, "finish_reason": "stop",
+         "subject": "Geometry", "level": 3},
+    ]
+    m = score_samples(samples, ks=[1, 2])
+    assert m["error_rate"] == 0.25 and m["truncation_rate"] == 0.25
+    assert m["mean_tokens"] == 20.0  # failed samples have no length
+    assert m["by_subject"] == {"Algebra": 0.5, "Geometry": 0.0} and m["by_level_n"] == {"1": 1, "3": 1}
+    assert m["pass@2"] == 0.5 and m["per_problem"] == {"a": 0.5, "b": 0.0}

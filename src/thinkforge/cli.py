@@ -77,24 +77,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from collections import defaultdict
-
-    from thinkforge.records import iter_jsonl
-    from thinkforge.scoring import score_samples
-    from thinkforge.stages.evaluate import score_records
+    from thinkforge.stages.evaluate import score_jsonl
 
     ks = [int(k) for k in args.k.split(",") if k.strip()]
-    fields = {"problem_id": str, "gold": str, "completion": str}
-    records = [dict(r) for r in iter_jsonl(args.file, fields)]
-    score_records(records, ks, args.mode)
-    by_bench: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        by_bench[r.get("benchmark", "default")].append(r)
-    results = {}
-    for bench, samples in sorted(by_bench.items()):
-        m = score_samples(samples, ks)
-        m.pop("per_problem")
-        results[bench] = m
+    results = score_jsonl(args.file, ks, args.mode)  # the evaluate stage's own scoring
+    for bench, m in results.items():
         extra = "  ".join(f"{k} {100 * v:.1f}" for k, v in m.items()
                           if (k.startswith("pass@") or k.startswith("cons@")) and k not in ("pass@1", "pass@1_se"))
         print(f"{bench}: {m['n_problems']} problems x {m['k']} samples  "

@@ -298,8 +298,8 @@ class RegistryConfig(Section):
     enabled: bool = Field(True, description="Publish the final model at the end of the run.")
     name: str = Field("", description="Registry entry (the model line) to publish under; empty = run.name.")
     prefix: str = Field("registry", description="Key prefix in storage.bucket (MinIO/S3) or under local_dir.")
-    local_dir: str = Field("", description="Registry directory used when no storage endpoint is configured; "
-                           "empty = <run.output_dir>/registry.")
+    local_dir: str = Field("", description="Directory holding the registry when no storage endpoint is configured "
+                           "(entries under <local_dir>/<prefix>/<name>/); empty = run.output_dir.")
     benchmark: str = Field("", description="Benchmark the promotion gate compares on; empty = the first one.")
     metric: str = Field("pass@1", pattern=r"^(pass|cons)@[1-9][0-9]*$",
                         description="Metric of that benchmark the gate compares (pass@1, pass@k, cons@k).")
@@ -325,7 +325,8 @@ class MetricsConfig(Section):
     http_port: int = Field(0, ge=0, le=65535, description="Serve /metrics on this port while a stage runs (0 = off).")
 
 
-STAGE_KEYS = ("configure", "prepare", "generate", "filter", "midtrain", "sft", "dpo", "rl", "evaluate", "report")
+STAGE_KEYS = ("configure", "prepare", "generate", "filter", "midtrain", "sft", "dpo", "rl", "evaluate", "publish",
+              "report")
 
 
 class Placement(Section):
@@ -413,12 +414,45 @@ SECTIONS = tuple(Recipe.model_fields)
 COMPILE_TIME_SECTIONS = ("cluster",)  # fixed when the pipeline is compiled, not run-time parameters
 
 
+def _model_at(loc: tuple[Any, ...]) -> Any:
+    """The config model class that holds the key at ``loc`` (through nested models, lists and dicts)."""
+    import typing
+
+    cls: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(cls, type) and issubclass(cls, BaseModel):
+            field = cls.model_fields.get(str(part))
+            if field is None:
+                return None
+            cls = field.annotation
+        else:  # list[X] / dict[str, X]: the index or key selects an X
+            args = typing.get_args(cls)
+            if not args:
+                return None
+            cls = args[-1]
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _unknown_key_hint(loc: tuple[Any, ...]) -> str:
+    import difflib
+
+    cls = _model_at(loc)
+    if cls is None:
+        return ""
+    known = list(cls.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), known, n=3, cutoff=0.6)
+    if close:
+        return f" (did you mean {' or '.join(close)}?)"
+    what = "a section" if cls is Recipe else "one of"
+    return f" (expected {what}: {', '.join(known)})"
+
+
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"{origin}: {loc}: unknown key")
+            lines.append(f"{origin}: {loc}: unknown key{_unknown_key_hint(tuple(e['loc']))}")
         else:
             got = e.get("input")
             shown = repr(got) if not isinstance(got, dict) else "a mapping"

@@ -36,19 +36,34 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
 def majority_correct(extracted: Sequence[str | None], correct: Sequence[bool]) -> bool:
     """cons@k for one problem: is the most common extracted answer a correct one?
 
-    Samples without an answer do not vote; ties go to the answer seen first.
+    Samples without an answer do not vote; answers that differ only in whitespace or `$` delimiters
+    are one vote; ties go to the answer seen first.
     """
-    votes = Counter(a.strip() for a in extracted if a is not None and a.strip())
+    keys = [_vote_key(a) for a in extracted]
+    votes = Counter(k for k in keys if k)
     if not votes:
         return False
     top = max(votes.values())
-    winner = next(a.strip() for a in extracted if a is not None and a.strip() and votes[a.strip()] == top)
-    return any(ok for a, ok in zip(extracted, correct) if a is not None and a.strip() == winner)
+    winner = next(k for k in keys if k and votes[k] == top)
+    return any(ok for k, ok in zip(keys, correct) if k == winner)
+
+
+def _vote_key(answer: str | None) -> str | None:
+    if answer is None:
+        return None
+    key = "".join(answer.split()).strip("$")
+    return key or None
 
 
 def score_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int] = (1,)) -> dict[str, Any]:
-    """Metrics of one benchmark from eval samples (fields problem_id, correct, extracted, optional
-    num_tokens, finish_reason, subject, level)."""
+    """Metrics of one benchmark from eval samples (fields problem_id, correct, extracted, optional vote,
+    num_tokens, finish_reason, subject, level).
+
+    pass@1 is the mean over problems of each problem's share of correct samples, with the standard
+    error of that mean across problems; cons@k (k = the fewest samples any problem has) is a majority
+    vote over extracted answers; pass@k for each k in `ks` with 1 < k <= that k is the unbiased
+    estimator; by_subject/by_level are pass@1 within each group; mean_tokens, truncation_rate
+    (finish_reason "length") and error_rate (finish_reason "error") are over samples."""
     by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in samples:
         by_problem[str(s["problem_id"])].append(s)
@@ -63,7 +78,7 @@ def score_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int] = (1,)) -
         "pass@1": p1,
         "pass@1_se": se,
         f"cons@{n_min}": sum(
-            majority_correct([s.get("extracted") for s in v], [bool(s["correct"]) for s in v])
+            majority_correct([s.get("vote", s.get("extracted")) for s in v], [bool(s["correct"]) for s in v])
             for v in by_problem.values()
         ) / len(by_problem),
     }
@@ -73,11 +88,13 @@ def score_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int] = (1,)) -
         out[f"pass@{k}"] = sum(
             pass_at_k(len(v), sum(bool(s["correct"]) for s in v), k) for v in by_problem.values()
         ) / len(by_problem)
-    lengths = [s["num_tokens"] for s in samples if "num_tokens" in s]
+    lengths = [s["num_tokens"] for s in samples if "num_tokens" in s and s.get("finish_reason") != "error"]
     if lengths:
         out["mean_tokens"] = sum(lengths) / len(lengths)
     if any("finish_reason" in s for s in samples):
         out["truncation_rate"] = sum(s.get("finish_reason") == "length" for s in samples) / len(samples)
+        # samples an engine could not produce (an endpoint's errors) count as wrong; say how many
+        out["error_rate"] = sum(s.get("finish_reason") == "error" for s in samples) / len(samples)
     for key in ("subject", "level"):
         groups: dict[str, list[float]] = defaultdict(list)
         for pid, v in by_problem.items():
@@ -85,6 +102,7 @@ def score_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int] = (1,)) -
                 groups[str(v[0][key])].append(per_problem[pid])
         if groups:
             out[f"by_{key}"] = {g: sum(x) / len(x) for g, x in sorted(groups.items())}
+            out[f"by_{key}_n"] = {g: len(x) for g, x in sorted(groups.items())}
     out["per_problem"] = per_problem
     return out
 

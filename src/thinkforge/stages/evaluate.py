@@ -1,87 +1,199 @@
 """Stage 7, evaluate: k samples per problem per benchmark; pass@1 (mean over samples, with its standard
-error), cons@k, unbiased pass@k, length and truncation; every sample kept for re-scoring."""
+error), cons@k, unbiased pass@k, per-subject/level accuracy, length and truncation; every sample kept
+for re-scoring.
+
+Benchmarks come from the catalog in `thinkforge.evalsets` (answer type and default k per set). The
+protocol is the recipe's: temperature, top_p, max new tokens, k and the run seed. Samples go through
+`thinkforge.engines.make_engine` (hf, vllm or an OpenAI-compatible endpoint, so a hosted baseline is
+scored by this same code). `score_records`/`score_benchmark` are also what `thinkforge score` runs.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 from thinkforge.config import Recipe
 from thinkforge.engines import SamplingParams, make_engine
+from thinkforge.evalsets import ANSWER_TYPES, LoadedBenchmark, load_benchmark, parse_integer
 from thinkforge.metrics import StageMetrics
 from thinkforge.progress import progress
-from thinkforge.records import write_json, write_jsonl
+from thinkforge.records import RecordError, iter_jsonl, write_json, write_jsonl
 from thinkforge.scoring import score_samples
-from thinkforge.sources import load_problems
-from thinkforge.verify import Verifier
+from thinkforge.verify import Verifier, extract_answer
+
+log = logging.getLogger("thinkforge.evaluate")
+
+SAMPLE_FIELDS = {"problem_id": str, "gold": str, "completion": str}
 
 
-def score_records(records: list[dict[str, Any]], ks: list[int], mode: str) -> list[dict[str, Any]]:
-    """Verify eval samples (gold, completion) in place and return them; shared with `thinkforge score`."""
-    with Verifier(mode=mode) as verifier:
-        verdicts = verifier.verify_many([(s["gold"], s["completion"], s.get("answer_type", "math")) for s in records])
-    for s, v in zip(records, verdicts):
-        s.update(correct=v.correct, reason=v.reason, extracted=v.extracted, rule=v.rule)
+def score_records(records: list[dict[str, Any]], ks: list[int] | None = None, mode: str = "fallback",
+                  verifier: Verifier | None = None) -> list[dict[str, Any]]:
+    """Verify eval samples (gold, completion, optional answer_type) in place and return them.
+
+    `math` and `choice` items go through the shared verifier; `integer` items (AIME) use the verifier's
+    extraction and compare the answer as an integer. Adds correct, reason, extracted, rule (and `vote`,
+    the normalized answer cons@k counts, for integer items).
+    """
+    del ks  # scoring needs no k; kept for callers that pass it
+    for i, s in enumerate(records):
+        t = s.get("answer_type", "math")
+        if t not in ANSWER_TYPES:
+            raise RecordError(f"sample {i + 1} (problem {s.get('problem_id')}): answer_type {t!r}, "
+                              f"expected one of {list(ANSWER_TYPES)}")
+    idx = [i for i, s in enumerate(records) if s.get("answer_type", "math") != "integer"]
+    if idx:
+        own = verifier is None
+        v = verifier or Verifier(mode=mode)
+        try:
+            verdicts = v.verify_many([(records[i]["gold"], records[i]["completion"],
+                                       records[i].get("answer_type", "math")) for i in idx])
+        finally:
+            if own:
+                v.close()
+        for i, verdict in zip(idx, verdicts):
+            records[i].update(correct=verdict.correct, reason=verdict.reason, extracted=verdict.extracted,
+                              rule=verdict.rule)
+    for s in records:
+        if s.get("answer_type") == "integer":
+            s.update(integer_verdict(s["gold"], s["completion"], mode))
     return records
 
 
+def integer_verdict(gold: Any, completion: str, mode: str) -> dict[str, Any]:
+    g = parse_integer(gold)
+    if g is None:
+        return {"correct": False, "reason": "unverifiable_gold", "extracted": None, "rule": None}
+    extracted, rule = extract_answer(completion or "", "math", mode)
+    if extracted is None:
+        return {"correct": False, "reason": "no_answer", "extracted": None, "rule": None}
+    value = parse_integer(extracted)
+    ok = value is not None and value == g
+    return {"correct": ok, "reason": "correct" if ok else "wrong_answer", "extracted": extracted, "rule": rule,
+            "vote": str(value) if value is not None else extracted}
+
+
+def score_benchmark(samples: list[dict[str, Any]], ks: list[int]) -> dict[str, Any]:
+    """Metrics of one benchmark's verified samples (thinkforge.scoring) plus how the correct answers were
+    found (extraction rule) and why the others were not (verifier reason)."""
+    scores = score_samples(samples, ks=ks)
+    rules = Counter((s.get("rule") or "none") for s in samples if s.get("correct"))
+    scores["correct_by_rule"] = dict(sorted(rules.items()))
+    scores["reasons"] = dict(sorted(Counter(s.get("reason") or "unknown" for s in samples).items()))
+    return scores
+
+
+def score_jsonl(path: str | Path, ks: list[int], mode: str = "fallback") -> dict[str, dict[str, Any]]:
+    """`thinkforge score`: verify and score JSONL samples (problem_id, gold, completion, optional benchmark,
+    answer_type, num_tokens, finish_reason, subject, level), per benchmark, exactly as the evaluate stage."""
+    records = [dict(r) for r in iter_jsonl(path, SAMPLE_FIELDS)]
+    if not records:
+        raise RecordError(f"{path}: no samples")
+    score_records(records, ks, mode)
+    by_bench: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_bench[str(r.get("benchmark") or "default")].append(r)
+    out = {}
+    for bench, samples in sorted(by_bench.items()):
+        m = score_benchmark(samples, ks)
+        m.pop("per_problem")
+        out[bench] = m
+    return out
+
+
+def protocol(cfg: Recipe) -> dict[str, Any]:
+    e = cfg.evaluate
+    return {"temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens, "seed": cfg.run.seed,
+            "extraction": e.extraction, "engine": e.engine, "template_think": cfg.template.think}
+
+
+def build_engine(cfg: Recipe, model_path: str | Path, metrics: StageMetrics | None = None) -> Any:
+    e = cfg.evaluate
+    http: dict[str, Any] = {}
+    if e.engine == "openai":  # client tuning is shared with generate's endpoint settings
+        g = cfg.generate
+        http = dict(api=g.api, concurrency=g.concurrency, request_timeout_s=g.request_timeout_s,
+                    max_retries=g.max_retries, backoff_s=g.retry_backoff_s, max_response_bytes=g.max_response_bytes,
+                    fan_out=g.fan_out, tokenizer=g.completions_tokenizer or None, metrics=metrics)
+    return make_engine(e.engine, str(model_path), cfg.template, dtype=e.dtype, batch_size=e.batch_size,
+                       trust_remote_code=cfg.model.trust_remote_code, tensor_parallel_size=e.tensor_parallel_size,
+                       endpoint=e.endpoint, endpoint_model=e.endpoint_model, seed=cfg.run.seed, **http)
+
+
+def load_benchmarks(cfg: Recipe) -> list[LoadedBenchmark]:
+    return [load_benchmark(b, cfg.evaluate.k) for b in cfg.evaluate.benchmarks]
+
+
 def evaluate(cfg: Recipe, model_path: str | Path, out_dir: str | Path, label: str = "model",
-             metrics: StageMetrics | None = None) -> dict[str, Any]:
-    """Evaluate one model on every configured benchmark; writes samples-<bench>.jsonl and results.json."""
+             metrics: StageMetrics | None = None, engine: Any = None,
+             benchmarks: list[LoadedBenchmark] | None = None) -> dict[str, Any]:
+    """Evaluate one model on every configured benchmark; writes samples-<bench>.jsonl and results.json.
+
+    `engine` (optional) is an engine already built (tests; a caller scoring one endpoint several times).
+    """
     e = cfg.evaluate
     m = metrics or StageMetrics.disabled("evaluate")
     out = Path(out_dir)
     start = time.time()
-    engine = make_engine(e.engine, str(model_path), cfg.template, dtype=e.dtype, batch_size=e.batch_size,
-                         trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed)
-    results: dict[str, Any] = {"label": label, "model": str(model_path), "extraction": e.extraction,
-                               "protocol": {"temperature": e.temperature, "top_p": e.top_p,
-                                            "max_new_tokens": e.max_new_tokens, "seed": cfg.run.seed},
-                               "benchmarks": {}}
+    benches = benchmarks if benchmarks is not None else load_benchmarks(cfg)  # fail before loading a model
+    model_name = f"{e.endpoint_model}@{e.endpoint}" if e.engine == "openai" else str(model_path)
+    results: dict[str, Any] = {"label": label, "model": model_name, "extraction": e.extraction,
+                               "protocol": protocol(cfg), "benchmarks": {}, "benchmark_specs": {}}
+    own_engine = engine is None
+    engine = engine or build_engine(cfg, model_path, m)
     try:
-        for bench in e.benchmarks:
-            problems = load_problems(bench.source, limit=bench.limit)
-            k = bench.k or e.k
-            params = SamplingParams(n=k, temperature=e.temperature, top_p=e.top_p,
-                                    max_new_tokens=e.max_new_tokens, seed=cfg.run.seed)
-            m.set("eval_problems_planned", len(problems), benchmark=bench.name)
-            bar = progress(len(problems), desc=f"evaluate {label} {bench.name}", unit="problem")
-            done = 0
-
-            def advance(n: int, name: str = bench.name) -> None:
-                nonlocal done
-                done += n
-                bar.update(n)
-                m.set("eval_problems_done", done, benchmark=name)
-
-            try:
-                outs = engine.generate([p["problem"] for p in problems], params, progress=advance)
-            finally:
-                bar.close()
-            samples = []
-            for p, comps in zip(problems, outs):
-                for i, c in enumerate(comps):
-                    samples.append({
-                        "benchmark": bench.name, "problem_id": p["id"], "sample_index": i, "gold": p["answer"],
-                        "answer_type": p.get("answer_type", "math"), "completion": c.text,
-                        "num_tokens": c.num_tokens, "finish_reason": c.finish_reason,
-                        **{key: p[key] for key in ("subject", "level") if key in p},
-                    })
-            score_records(samples, e.pass_k, e.extraction)
-            write_jsonl(out / f"samples-{bench.name}.jsonl", samples)
-            scores = score_samples(samples, ks=[*e.pass_k, k])
-            rules: dict[str, int] = {}
-            for s in samples:
-                if s["correct"]:
-                    rules[s["rule"] or "none"] = rules.get(s["rule"] or "none", 0) + 1
-            scores["correct_by_rule"] = rules
-            results["benchmarks"][bench.name] = scores
-            for key, value in scores.items():
-                if key.startswith(("pass@", "cons@")) and not key.endswith("_se"):
-                    m.set("eval_accuracy", value, benchmark=bench.name, metric=key)
+        with Verifier(mode=e.extraction) as verifier:
+            for bench in benches:
+                results["benchmarks"][bench.name] = _evaluate_one(cfg, bench, engine, verifier, label, out, m)
+                results["benchmark_specs"][bench.name] = bench.describe()
     finally:
-        engine.close()
+        if own_engine:
+            engine.close()
     results["seconds"] = time.time() - start
     write_json(out / "results.json", results)
     return results
+
+
+def _evaluate_one(cfg: Recipe, bench: LoadedBenchmark, engine: Any, verifier: Verifier, label: str, out: Path,
+                  m: StageMetrics) -> dict[str, Any]:
+    e = cfg.evaluate
+    problems, k = bench.problems, bench.k
+    params = SamplingParams(n=k, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
+                            seed=cfg.run.seed)
+    m.set("eval_problems_planned", len(problems), benchmark=bench.name)
+    log.info("%s: %d problems x %d samples (%s answers)", bench.name, len(problems), k, bench.answer_type)
+    bar = progress(len(problems), desc=f"evaluate {label} {bench.name}", unit="problem")
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        bar.update(n)
+        m.set("eval_problems_done", done, benchmark=bench.name)
+
+    try:
+        outs = engine.generate([p["problem"] for p in problems], params, progress=advance)
+    finally:
+        bar.close()
+    samples = []
+    for p, comps in zip(problems, outs):
+        for i, c in enumerate(comps):
+            s = {"benchmark": bench.name, "problem_id": p["id"], "sample_index": i, "gold": p["answer"],
+                 "answer_type": bench.answer_type, "completion": c.text, "num_tokens": c.num_tokens,
+                 "finish_reason": c.finish_reason,
+                 **{key: p[key] for key in ("subject", "level") if p.get(key) is not None}}
+            if getattr(c, "error", ""):
+                s["error"] = c.error
+            samples.append(s)  # never the problem text: samples of a redacted set stay shareable
+    score_records(samples, mode=e.extraction, verifier=verifier)
+    write_jsonl(out / f"samples-{bench.name}.jsonl", samples)
+    scores = score_benchmark(samples, [*e.pass_k, k])
+    for key, value in scores.items():
+        if key.startswith(("pass@", "cons@")) and not key.endswith("_se"):
+            m.set("eval_accuracy", value, benchmark=bench.name, metric=key)
+    log.info("%s: pass@1 %.1f%% ± %.1f over %d problems", bench.name, 100 * scores["pass@1"],
+             100 * scores["pass@1_se"], scores["n_problems"])
+    return scores

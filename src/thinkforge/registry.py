@@ -1,0 +1,555 @@
+"""The model registry: finished models with their eval results, recipe, model card and lineage, and a
+promotion gate that moves a `champion.json` pointer only for a model that wins.
+
+Layout (the same in MinIO/S3 under `storage.bucket`, and in a local directory when no endpoint is set):
+
+    <registry.prefix>/<name>/
+        versions/<version>/model/...            the weights (with their own _MANIFEST.json, written last)
+        versions/<version>/eval/results-<label>.json   eval results (base, per stage, final)
+        versions/<version>/recipe.yaml          the resolved recipe
+        versions/<version>/MODEL_CARD.md        the model card (metrics, protocol, lineage)
+        versions/<version>/manifest.json        written LAST: its existence means the entry is complete
+        champion.json                           the promoted version (compare-and-swap updates)
+        decisions/<version>.json                every gate decision, promoted or not
+
+`<name>` is `registry.name` (default the run name); keys are built with `thinkforge.storage.safe_key`,
+so names cannot escape their prefix. A champion only ever points at a complete entry: the manifest is
+written before the pointer moves.
+
+The gate compares the candidate with the champion on `registry.benchmark`/`registry.metric` (default:
+the first benchmark's pass@1) and promotes only when the candidate is higher by more than
+`registry.margin`. Numbers measured under different protocols (benchmark source, limit, answer type,
+temperature, top_p, max tokens, extraction) are not compared: the run is not promoted and says why
+(`registry.force` overrides). A run that is not promoted is not a failure: the decision and its reason
+go to the report and the KFP Metrics.
+
+`champion.json` moves by compare-and-swap: S3 conditional writes (`If-Match` on the ETag read, or
+`If-None-Match: *` for the first champion; MinIO and AWS S3 honour both) or, locally, an exclusive file
+lock and an atomic rename. When another run moved the pointer in between, the gate runs again against
+the new champion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from thinkforge.config import Recipe
+from thinkforge.scoring import paired_bootstrap
+from thinkforge.storage import MANIFEST, safe_key, split_prefix
+
+log = logging.getLogger("thinkforge.registry")
+
+FORMAT = "thinkforge-registry/1"
+ENTRY_MANIFEST = "manifest.json"
+CHAMPION = "champion.json"
+#: protocol fields that must match for two numbers to be compared
+PROTOCOL_KEYS = ("temperature", "top_p", "max_new_tokens", "extraction")
+BENCHMARK_KEYS = ("source", "answer_type", "limit", "n_problems")
+STAGE_LABELS = ("base", "midtrain", "sft", "dpo", "final")
+_CAS_TRIES = 5
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot be read or written (the message names where)."""
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_digest(files: dict[str, dict[str, Any]]) -> str:
+    """One digest of a directory: sha256 over its sorted (path, sha256) list."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(f"{rel}\0{files[rel]['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def dir_files(root: Path) -> dict[str, dict[str, Any]]:
+    return {f.relative_to(root).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in sorted(root.rglob("*")) if f.is_file() and f.name != MANIFEST}
+
+
+# --- backends: the same keys in S3 or in a directory ---------------------------------------------
+
+
+class LocalBackend:
+    """A registry in a local directory (runs without an object-storage endpoint)."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).resolve()
+
+    def __repr__(self) -> str:
+        return f"LocalBackend({self.root})"
+
+    def uri(self, key: str) -> str:
+        return str(self._path(key))
+
+    def _path(self, key: str) -> Path:
+        p = (self.root / key).resolve()
+        if not p.is_relative_to(self.root):
+            raise RegistryError(f"registry key {key!r} escapes {self.root}")
+        return p
+
+    def _write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._write(key, data)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def upload_dir(self, local: Path, key: str) -> dict[str, Any]:
+        dest = self._path(key)
+        (dest / MANIFEST).unlink(missing_ok=True)
+        files = dir_files(local)
+        for rel in files:
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local / rel, target)
+        manifest = {"version": 1, "created": time.time(), "files": files,
+                    "total_bytes": sum(f["size"] for f in files.values())}
+        self._write(f"{key}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+        return manifest
+
+    def download_dir(self, key: str, local: Path) -> Path:
+        src = self._path(key)
+        if not (src / MANIFEST).exists():
+            raise RegistryError(f"{src}: no {MANIFEST} (incomplete entry)")
+        shutil.copytree(src, local, dirs_exist_ok=True)
+        return local
+
+    def list_children(self, key: str) -> list[str]:
+        p = self._path(key)
+        return sorted(c.name for c in p.iterdir() if c.is_dir()) if p.is_dir() else []
+
+    @contextlib.contextmanager
+    def _lock(self, key: str) -> Iterator[None]:
+        import fcntl
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        data = self.get_bytes(key)
+        return data, (hashlib.sha256(data).hexdigest() if data is not None else None)
+
+    def put_if(self, key: str, data: bytes, token: str | None) -> bool:
+        """Write `data` only if the object still has version `token` (None: only if it does not exist)."""
+        with self._lock(key):
+            _, now = self.read_versioned(key)
+            if now != token:
+                return False
+            self._write(key, data)
+            return True
+
+
+class S3Backend:
+    """A registry in a MinIO/S3 bucket, through `thinkforge.storage.ObjectStore`."""
+
+    def __init__(self, store: Any):
+        self.store = store
+
+    def __repr__(self) -> str:
+        return f"S3Backend({self.store!r})"
+
+    def uri(self, key: str) -> str:
+        return self.store.uri(key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.store.put_bytes(key, data, content_type="application/json" if key.endswith(".json") else "text/plain")
+
+    def get_bytes(self, key: str) -> bytes | None:
+        from thinkforge.storage import NotFound
+
+        try:
+            return self.store.get_bytes(key)
+        except NotFound:
+            return None
+
+    def upload_dir(self, local: Path, key: str) -> dict[str, Any]:
+        return self.store.upload_dir(local, key)
+
+    def download_dir(self, key: str, local: Path) -> Path:
+        return self.store.download_dir(key, local)
+
+    def list_children(self, key: str) -> list[str]:
+        return [p.rsplit("/", 1)[-1] for p in self.store.list_prefixes(key)]
+
+    # Conditional requests are not part of ObjectStore's API: they go through its retrying call
+    # wrapper and its minio client, with the S3 headers set directly.
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        from minio.error import S3Error
+
+        store = self.store
+
+        def go() -> tuple[bytes | None, str | None]:
+            try:
+                resp = store._client.get_object(store.bucket, key)
+            except S3Error as e:
+                if e.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                    return None, None
+                raise
+            try:
+                return resp.read(), (resp.headers.get("ETag") or "").strip('"') or None
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return store._call("get", key, go)
+
+    def put_if(self, key: str, data: bytes, token: str | None) -> bool:
+        from minio.error import S3Error
+
+        store = self.store
+        headers = {"Content-Type": "application/json"}
+        if token is None:
+            headers["If-None-Match"] = "*"
+        else:
+            headers["If-Match"] = f'"{token}"'
+
+        def go() -> bool:
+            try:
+                store._client._put_object(store.bucket, key, data, headers)
+                return True
+            except S3Error as e:
+                if e.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+
+        return store._call("put", key, go)
+
+
+def open_backend(cfg: Recipe) -> LocalBackend | S3Backend:
+    """S3 when an endpoint is configured (storage.endpoint or THINKFORGE_S3_ENDPOINT), else a directory."""
+    from thinkforge.storage import ObjectStore
+
+    store = ObjectStore.from_config_or_none(cfg.storage)
+    if store is not None:
+        store.ensure_bucket()
+        return S3Backend(store)
+    return LocalBackend(cfg.registry.local_dir or cfg.run.output_dir)
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+
+class Registry:
+    def __init__(self, backend: LocalBackend | S3Backend, prefix: str, name: str):
+        if not name:
+            raise RegistryError("registry: empty model name (set registry.name or run.name)")
+        self.backend = backend
+        self.name = name
+        self.root = safe_key(*split_prefix(prefix), name)
+
+    @classmethod
+    def for_recipe(cls, cfg: Recipe, backend: LocalBackend | S3Backend | None = None) -> Registry:
+        return cls(backend or open_backend(cfg), cfg.registry.prefix, cfg.registry.name or cfg.run.name)
+
+    def key(self, *parts: str) -> str:
+        return f"{self.root}/{safe_key(*parts)}"
+
+    def entry(self, version: str) -> str:
+        return self.key("versions", version)
+
+    def uri(self, key: str = "") -> str:
+        return self.backend.uri(key or self.root)
+
+    def get_json(self, key: str) -> Any:
+        data = self.backend.get_bytes(key)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise RegistryError(f"{self.backend.uri(key)}: not valid JSON ({e})") from None
+
+    def put_json(self, key: str, obj: Any) -> None:
+        self.backend.put_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def versions(self) -> list[str]:
+        """Complete versions (their manifest exists), oldest first."""
+        return [v for v in self.backend.list_children(self.key("versions"))
+                if self.backend.get_bytes(f"{self.entry(v)}/{ENTRY_MANIFEST}") is not None]
+
+    def manifest(self, version: str) -> dict[str, Any] | None:
+        return self.get_json(f"{self.entry(version)}/{ENTRY_MANIFEST}")
+
+    def champion(self) -> tuple[dict[str, Any] | None, str | None]:
+        data, token = self.backend.read_versioned(self.key(CHAMPION))
+        if data is None:
+            return None, None
+        try:
+            return json.loads(data), token
+        except ValueError as e:
+            raise RegistryError(f"{self.backend.uri(self.key(CHAMPION))}: not valid JSON ({e})") from None
+
+    def fetch_model(self, dest: str | os.PathLike[str], version: str = "") -> Path:
+        """Download a version's weights (default: the champion) into `dest`."""
+        if not version:
+            champ, _ = self.champion()
+            if champ is None:
+                raise RegistryError(f"{self.uri()}: no champion yet")
+            version = champ["version"]
+        return self.backend.download_dir(f"{self.entry(version)}/model", Path(dest))
+
+
+def new_version(cfg: Recipe) -> str:
+    """`<UTC time>-<config digest>-<random>`: sortable by time, unique across concurrent runs."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{cfg.digest()[:8]}-{uuid.uuid4().hex[:6]}"
+
+
+def gate_target(cfg: Recipe) -> tuple[str, str]:
+    bench = cfg.registry.benchmark or (cfg.evaluate.benchmarks[0].name if cfg.evaluate.benchmarks else "")
+    return bench, cfg.registry.metric
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def decide(cfg: Recipe, candidate: dict[str, Any], champion: dict[str, Any] | None,
+           champion_manifest: dict[str, Any] | None, champion_results: dict[str, Any] | None = None,
+           candidate_per_problem: dict[str, float] | None = None) -> dict[str, Any]:
+    """The promotion gate. `candidate` is this run's gate view (`gate_view`); returns a decision dict
+    with `promote` (bool) and `reason` (a sentence)."""
+    r = cfg.registry
+    bench, metric = gate_target(cfg)
+    out: dict[str, Any] = {"benchmark": bench, "metric": metric, "margin": r.margin,
+                           "candidate_value": candidate.get("value")}
+    if champion is not None:
+        out["champion_version"] = champion.get("version")
+
+    def result(promote: bool, reason: str) -> dict[str, Any]:
+        if r.force and not promote:
+            return {**out, "promote": True, "forced": True,
+                    "reason": f"promoted by registry.force (the gate said: {reason})"}
+        return {**out, "promote": promote, "forced": False, "reason": reason}
+
+    value = candidate.get("value")
+    if value is None:
+        return result(False, f"this run has no {bench} {metric} result (evaluation off, or no such benchmark/metric)")
+    if champion is None:
+        return result(True, f"no champion yet: {bench} {metric} {_pct(value)} becomes the first")
+    cm = champion_manifest or {}
+    champ_value = cm.get("metrics", {}).get(bench, {}).get(metric)
+    out["champion_value"] = champ_value
+    if champ_value is None:
+        return result(False, f"the champion {champion.get('version')} has no {bench} {metric} result to compare "
+                             "with (set registry.force=true to promote anyway)")
+    diffs = []
+    for key in PROTOCOL_KEYS:
+        a, b = candidate.get("protocol", {}).get(key), cm.get("protocol", {}).get(key)
+        if a != b:
+            diffs.append(f"{key} {b!r} -> {a!r}")
+    for key in BENCHMARK_KEYS:
+        a = candidate.get("benchmark_spec", {}).get(key)
+        b = cm.get("benchmarks", {}).get(bench, {}).get(key)
+        if a != b:
+            diffs.append(f"{bench} {key} {b!r} -> {a!r}")
+    if diffs:
+        return result(False, f"not comparable with the champion {champion.get('version')}: measured under a "
+                             f"different protocol ({'; '.join(diffs)}); set registry.force=true to promote anyway")
+    base_pp = (champion_results or {}).get("benchmarks", {}).get(bench, {}).get("per_problem")
+    if base_pp and candidate_per_problem and metric == "pass@1":
+        with contextlib.suppress(ValueError):
+            out["bootstrap"] = paired_bootstrap(base_pp, candidate_per_problem, samples=cfg.evaluate.bootstrap_samples,
+                                                seed=cfg.run.seed)
+    gain = value - champ_value
+    out["gain"] = gain
+    if gain > r.margin:
+        return result(True, f"{bench} {metric} {_pct(value)} beats the champion {champion.get('version')} "
+                            f"({_pct(champ_value)}) by {100 * gain:+.1f} points (margin {100 * r.margin:.1f})")
+    return result(False, f"{bench} {metric} {_pct(value)} does not beat the champion {champion.get('version')} "
+                         f"({_pct(champ_value)}) by more than the margin of {100 * r.margin:.1f} points "
+                         f"({100 * gain:+.1f})")
+
+
+def gate_view(cfg: Recipe, final: dict[str, Any] | None) -> dict[str, Any]:
+    bench, metric = gate_target(cfg)
+    b = (final or {}).get("benchmarks", {}).get(bench, {})
+    return {"benchmark": bench, "metric": metric, "value": b.get(metric),
+            "protocol": (final or {}).get("protocol", {}),
+            "benchmark_spec": (final or {}).get("benchmark_specs", {}).get(bench, {})}
+
+
+def _metrics_only(results: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    return {name: {k: v for k, v in m.items() if k != "per_problem"}
+            for name, m in (results or {}).get("benchmarks", {}).items()}
+
+
+def lineage(cfg: Recipe, artifacts: dict[str, Any], kfp_run: str = "") -> dict[str, Any]:
+    """Where the model came from: input sources, the digests of the artifacts seen here, the config hash."""
+    g = cfg.generate
+    teacher = (f"{g.endpoint_model}@{g.endpoint}" if g.engine == "openai"
+               else g.teacher or cfg.model.student)
+    return {
+        "config_digest": cfg.digest(),
+        "kfp_run": kfp_run,
+        "sources": {
+            "student": cfg.model.student, "tokenizer": cfg.model.tokenizer or cfg.model.student,
+            "teacher": teacher if g.enabled else "", "train": cfg.data.train, "train_limit": cfg.data.train_limit,
+            "benchmarks": {b.name: b.source or b.dataset or b.name for b in cfg.evaluate.benchmarks},
+        },
+        "stages": {s: getattr(cfg, s).enabled for s in ("generate", "filter", "midtrain", "sft", "dpo", "rl")},
+        "artifacts": artifacts,
+    }
+
+
+def artifact_digest(path: str | os.PathLike[str], uri: str = "") -> dict[str, Any]:
+    """sha256 (a file) or tree digest (a directory) of an artifact, with its URI when known."""
+    p = Path(path)
+    out: dict[str, Any] = {"uri": uri} if uri else {}
+    if p.is_file():
+        out.update(sha256=sha256_file(p), size=p.stat().st_size)
+    elif p.is_dir():
+        files = dir_files(p)
+        out.update(sha256=tree_digest(files), size=sum(f["size"] for f in files.values()), files=len(files))
+    return out
+
+
+def model_card(cfg: Recipe, name: str, version: str, results: dict[str, dict[str, Any]], model_info: dict[str, Any],
+               lin: dict[str, Any]) -> str:
+    e = cfg.evaluate
+    final = results.get("final") or {}
+    lines = [f"# {name} {version}", "",
+             f"A math reasoning model trained by thinkforge (recipe `{cfg.run.name}`, config {cfg.digest()}) from "
+             f"`{cfg.model.student}` with the Phi-4-Mini-Reasoning recipe: "
+             + ", ".join(s for s in ("mid-train", "SFT", "DPO", "RL")
+                         if getattr(cfg, {"mid-train": "midtrain"}.get(s, s.lower())).enabled) + ".", "",
+             "## Evaluation", "",
+             f"Protocol: temperature {e.temperature}, top_p {e.top_p}, max {e.max_new_tokens} new tokens, seed "
+             f"{cfg.run.seed}, answer extraction {e.extraction}; pass@1 is the mean over k samples per problem "
+             "(± standard error over problems).", "",
+             "| benchmark | problems | k | pass@1 | cons@k | mean tokens | truncated |", "|---|---|---|---|---|---|---|"]
+    for bench, m in _metrics_only(final).items():
+        cons = m.get(f"cons@{m.get('k')}")
+        lines.append(f"| {bench} | {m.get('n_problems')} | {m.get('k')} | {_pct(m.get('pass@1'))} ± "
+                     f"{100 * m.get('pass@1_se', 0):.1f} | {_pct(cons)} | "
+                     f"{m.get('mean_tokens', 0):.0f} | {_pct(m.get('truncation_rate'))} |")
+    stages = [(lbl, results[lbl]) for lbl in STAGE_LABELS if results.get(lbl)]
+    if len(stages) > 1:
+        benches = list(_metrics_only(final))
+        lines += ["", "By stage (pass@1):", "", "| model | " + " | ".join(benches) + " |",
+                  "|---|" + "---|" * len(benches)]
+        for lbl, res in stages:
+            ms = _metrics_only(res)
+            lines.append(f"| {lbl} | " + " | ".join(_pct(ms.get(b, {}).get("pass@1")) for b in benches) + " |")
+    lines += ["", "## Lineage", "",
+              f"- config digest: `{lin['config_digest']}`" + (f"; KFP run `{lin['kfp_run']}`" if lin.get("kfp_run") else ""),
+              f"- student: `{lin['sources']['student']}`; teacher: `{lin['sources']['teacher'] or '-'}`",
+              f"- training prompts: `{lin['sources']['train']}`",
+              f"- model: {model_info['files']} files, {model_info['total_bytes']} bytes, digest `{model_info['digest']}`",
+              "", "## Use", "",
+              "Load the `model/` directory of this entry with `transformers.AutoModelForCausalLM.from_pretrained`; "
+              "prompt it with the recipe's template (`recipe.yaml`, section `template`).", ""]
+    return "\n".join(lines)
+
+
+def publish(cfg: Recipe, model_dir: str | os.PathLike[str], results: dict[str, dict[str, Any] | None],
+            artifacts: dict[str, Any] | None = None, kfp_run: str = "",
+            backend: LocalBackend | S3Backend | None = None) -> dict[str, Any]:
+    """Publish the final model, its eval results (`results[label]`, label in base/midtrain/sft/dpo/final;
+    None or skipped results are left out) and the recipe as a new registry version, then run the
+    promotion gate. Returns the decision (published, promoted, reason, version, where, gate, ...) and the
+    model card's text (`card`); the decision without the card is kept at `decisions/<version>.json`."""
+    from thinkforge.models import follow_pointer
+
+    reg = Registry.for_recipe(cfg, backend)
+    version = new_version(cfg)
+    entry = reg.entry(version)
+    results = {k: v for k, v in results.items() if v and not v.get("skipped")}
+    model = follow_pointer(Path(model_dir))
+    t0 = time.time()
+    log.info("publishing %s version %s to %s", reg.name, version, reg.uri(entry))
+    mm = reg.backend.upload_dir(model, f"{entry}/model")
+    model_info = {"files": len(mm["files"]), "total_bytes": mm["total_bytes"], "digest": tree_digest(mm["files"])}
+    files: dict[str, Any] = {f"model/{rel}": meta for rel, meta in mm["files"].items()}
+
+    def put(rel: str, data: bytes) -> None:
+        reg.backend.put_bytes(f"{entry}/{rel}", data)
+        files[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    for label, res in results.items():
+        put(f"eval/results-{safe_key(label)}.json", json.dumps(res, indent=2, sort_keys=True, default=str).encode())
+    put("recipe.yaml", cfg.to_yaml().encode())
+    lin = lineage(cfg, artifacts or {}, kfp_run)
+    card = model_card(cfg, reg.name, version, results, model_info, lin)
+    put("MODEL_CARD.md", card.encode())
+
+    final = results.get("final")
+    candidate = gate_view(cfg, final)
+    manifest = {
+        "format": FORMAT, "name": reg.name, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                         time.gmtime()),
+        "config_digest": cfg.digest(), "run": {"name": cfg.run.name, "seed": cfg.run.seed, "kfp_run": kfp_run},
+        "model": model_info, "metrics": _metrics_only(final),
+        "stages": {lbl: {b: m.get("pass@1") for b, m in _metrics_only(res).items()}
+                   for lbl, res in results.items()},
+        "protocol": (final or {}).get("protocol", {}), "benchmarks": (final or {}).get("benchmark_specs", {}),
+        "gate": {"benchmark": candidate["benchmark"], "metric": candidate["metric"], "value": candidate["value"]},
+        "lineage": lin, "card": "MODEL_CARD.md", "files": dict(sorted(files.items())),
+    }
+    reg.put_json(f"{entry}/{ENTRY_MANIFEST}", manifest)  # LAST: the entry is complete from here on
+
+    per_problem = (final or {}).get("benchmarks", {}).get(candidate["benchmark"], {}).get("per_problem")
+    for _ in range(_CAS_TRIES):
+        champ, token = reg.champion()
+        champ_manifest = champ_results = None
+        if champ is not None:
+            champ_manifest = reg.manifest(champ["version"])
+            champ_results = reg.get_json(f"{reg.entry(champ['version'])}/eval/results-final.json")
+        decision = decide(cfg, candidate, champ, champ_manifest, champ_results, per_problem)
+        if not decision["promote"]:
+            break
+        pointer = {"name": reg.name, "version": version, "benchmark": candidate["benchmark"],
+                   "metric": candidate["metric"], "value": candidate["value"],
+                   "promoted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": decision["reason"],
+                   "manifest": f"versions/{version}/{ENTRY_MANIFEST}",
+                   "previous": {"version": champ.get("version"), "value": champ.get("value")} if champ else None}
+        if reg.backend.put_if(reg.key(CHAMPION), json.dumps(pointer, indent=2, sort_keys=True).encode(), token):
+            break
+        now, _ = reg.champion()
+        if now is not None and now.get("version") == version:  # our write landed; only its answer was lost
+            break
+        log.warning("champion moved while this run was deciding; running the gate again")
+    else:
+        decision = {**decision, "promote": False,
+                    "reason": f"champion pointer kept changing under {_CAS_TRIES} attempts; not promoted"}
+    out = {"published": True, "promoted": decision["promote"], "reason": decision["reason"], "name": reg.name,
+           "version": version, "where": reg.uri(entry), "champion_uri": reg.uri(reg.key(CHAMPION)),
+           "seconds": time.time() - t0, "gate": decision}
+    reg.put_json(reg.key("decisions", f"{version}.json"), out)
+    log.info("%s %s: %s (%s)", reg.name, version, "PROMOTED" if out["promoted"] else "not promoted", out["reason"])
+    return {**out, "card": card}
