@@ -447,10 +447,16 @@ def _unknown_key_hint(loc: tuple[Any, ...]) -> str:
     return f" (expected {what}: {', '.join(known)})"
 
 
+def _shown(text: Any) -> str:
+    """A key or flag as written, quoted when it holds anything that would break a one-line message."""
+    t = str(text)
+    return t if t and t.isprintable() and t.strip() == t else repr(t)
+
+
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = ".".join(_shown(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"{origin}: {loc}: unknown key{_unknown_key_hint(tuple(e['loc']))}")
         else:
@@ -481,14 +487,15 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], origin: str
     for key, value in overrides.items():
         parts = key.split(".")
         if len(parts) < 2 or parts[0] not in SECTIONS:
-            raise ConfigError(f"{origin}: {key}: expected <section>.<field> with section one of {', '.join(SECTIONS)}")
+            raise ConfigError(f"{origin}: {_shown(key)}: expected <section>.<field> with section one of "
+                              f"{', '.join(SECTIONS)}")
         if isinstance(value, str):
             value = parse_value(value)
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{origin}: {key}: {part} is not a mapping")
+                raise ConfigError(f"{origin}: {_shown(key)}: {_shown(part)} is not a mapping")
         node[parts[-1]] = value
     return out
 
@@ -520,7 +527,7 @@ def parse_set_flags(flags: list[str]) -> dict[str, Any]:
     for flag in flags:
         key, sep, value = flag.partition("=")
         if not sep:
-            raise ConfigError(f"--set {flag}: expected <section>.<field>=<value>")
+            raise ConfigError(f"--set {_shown(flag)}: expected <section>.<field>=<value>")
         out[key.strip()] = parse_value(value)
     return out
 

@@ -8,8 +8,10 @@ Specs:
 - `s3://bucket/prefix` / `minio://bucket/prefix`: a model directory in object storage.
 - anything else: a local directory or a Hugging Face hub name.
 
-Only safetensors weights are ever loaded (`use_safetensors=True`); remote code runs only when the
-recipe sets `model.trust_remote_code`.
+Only safetensors weights are ever loaded (`use_safetensors=True`; a local directory holding only
+`pytorch_model.bin`-style pickles is refused by `check_safetensors` with a message that says so);
+remote code runs only when the recipe sets `model.trust_remote_code` (off by default: a directory
+whose config maps to custom code loads with the built-in class, or is refused when there is none).
 """
 
 from __future__ import annotations
@@ -149,10 +151,49 @@ def write_pointer(out_dir: Path, target: Path) -> None:
     (out_dir / POINTER).write_text(json.dumps({"path": str(follow_pointer(Path(target)))}))
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a local model directory without safetensors weights, naming what it holds instead.
+
+    Pickle-based weights (``pytorch_model.bin``, ``*.pt``) can run code while they load, so they are
+    never loaded, whatever the recipe says."""
+    if not path.is_dir():
+        return  # a hub name: from_pretrained(use_safetensors=True) enforces the same
+    if any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        return
+    pickles = sorted({f.name for pattern in PICKLE_WEIGHTS for f in path.glob(pattern)})
+    if pickles:
+        raise ModelError(
+            f"{path}: only pickle-based weights ({', '.join(pickles)}); thinkforge loads safetensors only "
+            "(a pickle can run code when loaded). Convert it once where you trust it: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
+        )
+    raise ModelError(f"{path}: no model weights (expected model.safetensors or a model.safetensors.index.json)")
+
+
+def _remote_code_error(path: Any, err: Exception) -> ModelError | None:
+    text = str(err)
+    if "trust_remote_code" in text or "custom code" in text:
+        return ModelError(
+            f"{path}: needs custom code from the model directory, which thinkforge does not run unless the "
+            "recipe sets model.trust_remote_code: true (only for models you trust)"
+        )
+    return None
+
+
 def load_tokenizer(spec_or_path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(resolve(str(spec_or_path))), trust_remote_code=trust_remote_code)
+    path = resolve(str(spec_or_path))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as e:
+        err = None if trust_remote_code else _remote_code_error(path, e)
+        if err is None:
+            raise
+        raise err from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -162,9 +203,16 @@ def load_model(spec_or_path: str | Path, dtype: str = "float32", trust_remote_co
     from transformers import AutoModelForCausalLM
 
     path = resolve(str(spec_or_path), seed=seed)
-    return AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    check_safetensors(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (ValueError, OSError) as e:
+        err = None if trust_remote_code else _remote_code_error(path, e)
+        if err is None:
+            raise
+        raise err from e
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> None:

@@ -34,6 +34,13 @@ SFT_FIELDS = {"problem_id": str, "problem": str, "completion": str}
 PAIR_FIELDS = {"problem_id": str, "problem": str, "chosen": str, "rejected": str}
 RL_PROMPT_FIELDS = {"id": str, "problem": str, "answer": str}
 
+#: The longest problem text accepted anywhere (characters). Real competition problems are a few
+#: thousand characters; anything near this is a broken export, not a problem, and would only cost
+#: tokens (and memory) in every stage downstream.
+MAX_PROBLEM_CHARS = 65536
+#: Fields that hold a problem's text in any record format or prompt source.
+PROBLEM_TEXT_KEYS = ("problem", "question", "prompt")
+
 
 class RecordError(ValueError):
     """A record that cannot be used; the message names file, line and field."""
@@ -60,6 +67,25 @@ def check_fields(rec: Any, fields: dict[str, type], where: str) -> dict[str, Any
     return rec
 
 
+def check_problem_text(rec: Any, where: str) -> Any:
+    """Refuse a record whose problem text (``problem``/``question``, or a string ``prompt``) is not a
+    string or is longer than :data:`MAX_PROBLEM_CHARS`; the message names ``where`` and the field."""
+    if not isinstance(rec, dict):
+        return rec
+    for key in PROBLEM_TEXT_KEYS:
+        value = rec.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            if key == "prompt":  # chat-style prompts (a list of messages) are not problem text
+                continue
+            raise RecordError(f"{where}: field '{key}' is {type(value).__name__}, expected a string (the problem text)")
+        if len(value) > MAX_PROBLEM_CHARS:
+            raise RecordError(f"{where}: field '{key}' is {len(value):,} characters, expected at most "
+                              f"{MAX_PROBLEM_CHARS:,} (thinkforge.records.MAX_PROBLEM_CHARS)")
+    return rec
+
+
 def iter_jsonl(path: str | Path, fields: dict[str, type] | None = None) -> Iterator[dict[str, Any]]:
     """Yield records; raise RecordError naming `path:line` on undecodable or ill-typed lines."""
     for _, rec in iter_jsonl_numbered(path, fields):
@@ -69,7 +95,10 @@ def iter_jsonl(path: str | Path, fields: dict[str, type] | None = None) -> Itera
 def iter_jsonl_numbered(
     path: str | Path, fields: dict[str, type] | None = None
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Like iter_jsonl, with each record's line number (blank lines are skipped, not renumbered)."""
+    """Like iter_jsonl, with each record's line number (blank lines are skipped, not renumbered).
+
+    Every record's problem text is checked too (:func:`check_problem_text`: a string of at most
+    :data:`MAX_PROBLEM_CHARS` characters)."""
     path = Path(path)
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
@@ -84,6 +113,7 @@ def iter_jsonl_numbered(
                 rec = json.loads(text)
             except json.JSONDecodeError as e:
                 raise RecordError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
+            check_problem_text(rec, where)
             yield lineno, (check_fields(rec, fields, where) if fields else rec)
 
 

@@ -61,3 +61,45 @@ def test_jsonl_reader_accepts_or_names_file_and_line(tmp_path_factory, lines):
             assert isinstance(rec, (dict, list, str, int, float, bool, type(None)))
     except RecordError as e:
         assert str(e).startswith(f"{path}:")
+
+
+# --- recipes: whatever YAML a user writes, the loader answers with a Recipe or a ConfigError -------
+
+SECTION_NAMES = st.sampled_from(["run", "model", "sft", "rl", "evaluate", "cluster", "generate", "storage", "bogus"])
+KEY_NAMES = st.sampled_from(["name", "seed", "learning_rate", "max_steps", "benchmarks", "stages", "defaults",
+                             "pass_k", "temperature", "dtype", "endpoint", "enabled", "tolerations", "lr", ""])
+RECIPE_DATA = st.one_of(
+    JSON_VALUES,
+    st.dictionaries(SECTION_NAMES, st.one_of(JSON_VALUES, st.dictionaries(KEY_NAMES, JSON_VALUES, max_size=4)),
+                    max_size=4),
+)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(RECIPE_DATA)
+def test_recipe_loader_accepts_or_names_the_problem(tmp_path_factory, data):
+    import yaml
+
+    from thinkforge.config import ConfigError, Recipe, load_recipe
+
+    path = tmp_path_factory.getbasetemp() / "fuzz-recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    try:
+        recipe = load_recipe(path)
+    except ConfigError as e:
+        for line in str(e).splitlines():  # every error on its own line, each naming the file
+            assert line.startswith(f"{path}: "), line
+        return
+    assert isinstance(recipe, Recipe)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.text(max_size=40), max_size=4))
+def test_set_flags_accept_or_name_the_flag(flags):
+    from thinkforge.config import ConfigError, Recipe, apply_overrides, parse_set_flags, validate
+
+    try:
+        validate(apply_overrides(Recipe().model_dump(), parse_set_flags(flags)), origin="flags")
+    except ConfigError as e:
+        for line in str(e).splitlines():
+            assert line.startswith(("--set ", "override: ", "flags: ")), str(e)

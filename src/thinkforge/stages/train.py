@@ -11,7 +11,11 @@ One setup for mid-train, SFT, DPO and RL (open-r1 repeats ~40 lines per script; 
   ``<storage.prefix>/<run>/<stage>/checkpoints/<fingerprint>/checkpoint-<step>`` (manifest last, the
   newest ``keep_checkpoints`` kept), and a restarted stage (a KFP retry, a preempted pod) resumes from
   the newest complete one (:func:`thinkforge.checkpoints.restore_latest`);
-- :func:`finish` saves the model (safetensors) and summarizes the log history.
+- :func:`finish` saves the model (safetensors) and summarizes the log history;
+- a NaN/inf loss or gradient norm stops training at once (:class:`NonFiniteGuard`, added by :func:`fit`):
+  a :class:`FloatingPointError` names the stage, the step and the last good checkpoint, nothing
+  non-finite is ever uploaded as a checkpoint, and the stage's metrics show the loss, the step and
+  ``thinkforge_stage_status{status="failed"}``.
 
 The fingerprint ties checkpoints to one attempt at one piece of work (the stage's settings, the
 model, template and seed, the input data and the input model), so a new run under the same run name
@@ -104,6 +108,9 @@ def training_args(config_cls: type, t: TrainConfig, out_dir: str | Path, seed: i
         use_cpu=not gpu and not ds,  # DeepSpeed on CPU runs without --cpu (DESIGN.md section 3)
         gradient_checkpointing=t.gradient_checkpointing,
         report_to=[],
+        # Log a NaN/inf loss as it is: the Trainer's default filter replaces it with the window's
+        # average, which would hide a diverged run from the logs, the metrics and NonFiniteGuard.
+        logging_nan_inf_filter=False,
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,
@@ -138,6 +145,108 @@ def callbacks(metrics: Any, model: Any) -> list[Any]:
 
     n_params = sum(p.numel() for p in model.parameters())
     return [MetricsCallback(metrics, flops_per_token=6 * n_params)]
+
+
+# -------------------------------------------------------------------------------------- non-finite loss
+
+#: Logged values that must stay finite; the first NaN/inf one stops training.
+FINITE_LOG_KEYS = ("loss", "grad_norm", "eval_loss")
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True  # not a number: not ours to judge
+
+
+class _NonFiniteGuardLogic:
+    """Stop training at the first non-finite loss, gradient norm or validation loss, and never let a
+    checkpoint with non-finite weights be uploaded.
+
+    - ``on_log``: a NaN/inf in :data:`FINITE_LOG_KEYS` raises :class:`FloatingPointError` naming the
+      stage, the step, the values and the last good checkpoint. It runs before the step's save, so
+      the diverged step is never checkpointed.
+    - ``on_save``: runs before :class:`thinkforge.checkpoints.CheckpointSync` (``fit`` adds it first)
+      and raises if any weight is NaN/inf, so the upload of a poisoned checkpoint never starts.
+
+    The stage's metrics get ``train_loss`` and ``train_step`` of the bad step; the exception leaving
+    ``StageMetrics`` sets ``thinkforge_stage_status{status="failed"}``. ``sync`` (set by ``fit``) is the
+    CheckpointSync whose last upload is the last good checkpoint.
+    """
+
+    def __init__(self, stage: str, metrics: Any = None) -> None:
+        self.stage = stage
+        self.metrics = metrics
+        self.sync: Any = None
+        self.resumed: tuple[str, int] | None = None  # (uri, step) of the checkpoint this attempt resumed from
+        self.tripped_at: int | None = None
+
+    def last_good(self) -> str:
+        s = self.sync
+        if s is not None and s.uploaded:
+            step = s.uploaded[-1]
+            return f"last good checkpoint: {s.store.uri(f'{s.prefix}/checkpoint-{step}')} (step {step})"
+        if self.resumed is not None:
+            return f"last good checkpoint: {self.resumed[0]} (step {self.resumed[1]})"
+        if s is not None:
+            return "no checkpoint was uploaded before it"
+        return "no checkpoints configured (storage.endpoint and save_steps)"
+
+    def _trip(self, step: int, what: str, logs: dict[str, Any] | None = None) -> None:
+        self.tripped_at = step
+        if self.metrics is not None:
+            try:
+                if logs and "loss" in logs:
+                    self.metrics.set("train_loss", float(logs["loss"]))
+                self.metrics.set("train_step", step)
+            except Exception:  # noqa: BLE001 - metrics never hide the real error
+                log.debug("%s: metrics not recorded", self.stage, exc_info=True)
+        msg = (f"{self.stage}: {what} at step {step}; training stopped, nothing saved from this step on; "
+               f"{self.last_good()}")
+        log.error("%s", msg)
+        raise FloatingPointError(msg)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        bad = {k: logs[k] for k in FINITE_LOG_KEYS if logs and k in logs and not _finite(logs[k])}
+        if bad:
+            self._trip(state.global_step, "non-finite " + ", ".join(f"{k} {float(v)}" for k, v in bad.items()), logs)
+        return control
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
+        name = first_nonfinite_parameter(model) if model is not None else None
+        if name is not None:
+            self._trip(state.global_step, f"non-finite weights ({name}); checkpoint not uploaded")
+        return control
+
+
+_GUARD_CLASS: type | None = None
+
+
+def NonFiniteGuard(stage: str, metrics: Any = None) -> Any:  # noqa: N802 - used like a class
+    """A :class:`_NonFiniteGuardLogic` that is a ``transformers.TrainerCallback`` (built on first use,
+    so importing this module does not import transformers)."""
+    global _GUARD_CLASS
+    if _GUARD_CLASS is None:
+        from transformers import TrainerCallback
+
+        class NonFiniteGuard(_NonFiniteGuardLogic, TrainerCallback):
+            __doc__ = _NonFiniteGuardLogic.__doc__
+
+        _GUARD_CLASS = NonFiniteGuard
+    return _GUARD_CLASS(stage, metrics)
+
+
+def first_nonfinite_parameter(model: Any) -> str | None:
+    """The name of the first parameter holding a NaN/inf (None when all are finite). Sharded (ZeRO-3)
+    placeholders are empty and pass."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.numel() and not bool(torch.isfinite(p).all()):
+                return name
+    return None
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -195,6 +304,8 @@ def fit(trainer: Any, cfg: Recipe, stage: str, t: TrainConfig, model_path: str |
     (``{"resumed_from": step or None, "checkpoint_prefix": uri or None}``)."""
     info: dict[str, Any] = {"resumed_from": None, "checkpoint_prefix": None}
     resume: str | None = None
+    guard = NonFiniteGuard(stage, metrics)
+    trainer.add_callback(guard)  # before CheckpointSync: its on_save vetoes a non-finite checkpoint
     if checkpointing(cfg, t):
         from thinkforge.checkpoints import CheckpointSync, checkpoint_step, restore_latest
         from thinkforge.storage import ObjectStore
@@ -214,8 +325,10 @@ def fit(trainer: Any, cfg: Recipe, stage: str, t: TrainConfig, model_path: str |
         if path is not None:
             resume = str(path)
             info["resumed_from"] = checkpoint_step(path.name)
+            guard.resumed = (store.uri(f"{prefix}/checkpoint-{info['resumed_from']}"), info["resumed_from"])
             log.info("%s: resuming from %s (step %s)", stage, store.uri(prefix), info["resumed_from"])
-        trainer.add_callback(CheckpointSync(store, prefix, keep=t.keep_checkpoints, metrics=metrics))
+        guard.sync = CheckpointSync(store, prefix, keep=t.keep_checkpoints, metrics=metrics)
+        trainer.add_callback(guard.sync)
     trainer.train(resume_from_checkpoint=resume)
     return info
 
