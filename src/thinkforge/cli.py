@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 from thinkforge.cluster import ClusterError, add_cli
 from thinkforge.config import ConfigError, Recipe, flatten, load_recipe, parse_set_flags
 from thinkforge.records import EmptyDataError, RecordError
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # KFP colours its failure line; the message should be plain text
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -29,7 +32,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from thinkforge.pipelines.training import build_pipeline
 
+    from thinkforge.sources import load_problems
+
     recipe = _recipe(args)
+    # Fail in a second, with file and line, rather than inside the generate task's traceback.
+    load_problems(recipe.data.train, limit=recipe.data.train_limit)
     root = Path(args.pipeline_root or Path(recipe.run.output_dir) / recipe.run.name).resolve()
     root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"thinkforge: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a failed KFP task: its own log above says why
-        print(f"thinkforge: error: {e}", file=sys.stderr)
+        print(f"thinkforge: error: {ANSI.sub('', str(e))}", file=sys.stderr)
         return 1
 
 
