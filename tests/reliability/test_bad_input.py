@@ -167,17 +167,17 @@ def test_a_problem_at_the_cap_is_accepted(tmp_path):
 
 @pytest.mark.slow
 def test_bad_source_through_thinkforge_run_names_file_and_line(tmp_path):
-    """End to end: `thinkforge run` on a recipe whose training data has a broken line fails, and what
-    the user reads names the file and the line (in the generate task's log, then the CLI's summary)."""
+    """End to end: `thinkforge run` on a recipe whose training data has a broken line stops before any
+    task starts, with one line naming the file and the line, exit code 2 (bad input)."""
     data = tmp_path / "train.jsonl"
     data.write_bytes(GOOD + b'{"problem": "x", \n')
     proc = cli("run", "--recipe", str(ROOT / "recipes" / "smoke.yaml"), "--set", f"data.train={data}",
                "--pipeline-root", str(tmp_path / "root"), cwd=tmp_path, timeout=300)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out[-3000:]
-    assert f"RecordError: {data}:2: malformed JSON at column" in out, out[-3000:]
+    assert proc.returncode == 2, out[-3000:]
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
-    assert last.startswith("thinkforge: error: ") and "generate" in last, last
+    assert last.startswith(f"thinkforge: error: {data}:2: malformed JSON at column"), last
+    assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir()), "no task ran"
 
 
 # ---------------------------------------------------------------------------------- record files
