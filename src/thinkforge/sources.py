@@ -3,7 +3,8 @@
 Spec forms:
 - a local `.jsonl`/`.json`/`.parquet` path (fields mapped: problem|question, answer, id|unique_id)
 - `s3://bucket/key` or `minio://bucket/key` (downloaded through thinkforge.storage)
-- `hf:<dataset>[:<split>]` (Hugging Face datasets; needs network or a local cache)
+- `hf:<dataset>[:<split>][?config=<name>]` (Hugging Face datasets: a hub name, which needs network or a
+  local cache, or a local directory saved by `datasets`)
 - `builtin:word-problems?split=train|test&n=400&seed=0`: one-step word problems with numbers under 50,
   the small problems SmolLM2-135M can learn from in minutes on a CPU (see README: cpu-demo)
 
@@ -100,9 +101,9 @@ def load_problems(spec: str, limit: int = 0) -> list[dict[str, Any]]:
     elif base.startswith(("s3://", "minio://")):
         from thinkforge.storage import download_to_cache
 
-        problems = _load_path(download_to_cache(base), base.rsplit("/", 1)[-1])
+        problems = _load_path(download_to_cache(base), Path(base.rsplit("/", 1)[-1]).stem)
     elif base.startswith("hf:"):
-        problems = _load_hub(base.removeprefix("hf:"))
+        problems = _load_hub(base.removeprefix("hf:"), query.pop("config", None) or None)
     else:
         path = Path(base)
         problems = _load_path(path, path.stem)
@@ -114,12 +115,39 @@ def load_problems(spec: str, limit: int = 0) -> list[dict[str, Any]]:
     return problems[:limit] if limit else problems
 
 
-def _load_hub(name: str) -> list[dict[str, Any]]:
+def _load_hub(name: str, config: str | None = None) -> list[dict[str, Any]]:
+    """`hf:<dataset>[:<split>][?config=<name>]` (default split: train; the same form as evaluation sets).
+
+    `<dataset>` is a hub name (needs network or the local HF cache), a local data set directory
+    written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a local folder of data files
+    that `datasets.load_dataset` understands (JSONL, Parquet, CSV).
+    """
     import datasets
 
-    dataset, _, split = name.partition(":")
-    rows = datasets.load_dataset(dataset, split=split or "train")
-    return [normalize_problem(dict(r), f"hf:{name}:row {i + 1}", dataset.split("/")[-1], i) for i, r in enumerate(rows)]
+    parts = name.split(":")
+    if len(parts) > 2 or not parts[0]:
+        raise RecordError(f"hf:{name}: expected hf:<dataset>[:<split>][?config=<name>]")
+    dataset, split = parts[0], (parts[1] if len(parts) == 2 and parts[1] else "train")
+    local = Path(dataset)
+    try:
+        if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()):
+            loaded = datasets.load_from_disk(str(local))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise RecordError(f"hf:{name}: no split {split!r} (has {', '.join(loaded)})")
+                loaded = loaded[split]
+            rows = loaded
+        else:
+            rows = datasets.load_dataset(dataset, config, split=split)
+    except RecordError:
+        raise
+    except Exception as e:  # network, missing split/config, unreadable files: name the source
+        raise RecordError(f"hf:{name}: cannot load the data set ({type(e).__name__}: {e})") from e
+    src = local.name if local.is_dir() else dataset.split("/")[-1]
+    out = [normalize_problem(dict(r), f"hf:{name}:row {i + 1}", src, i) for i, r in enumerate(rows)]
+    if not out:
+        raise RecordError(f"hf:{name}: no problems (empty split)")
+    return out
 
 
 def builtin_source(name: str, query: dict[str, str]) -> list[dict[str, Any]]:

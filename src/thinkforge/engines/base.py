@@ -19,8 +19,17 @@ class SamplingParams:
 class Completion:
     text: str
     num_tokens: int
-    finish_reason: str  # "stop" (ended by itself) or "length" (truncated)
+    finish_reason: str  # "stop" (ended by itself), "length" (truncated) or "error" (no usable sample)
     reasoning: str = ""  # a trace returned separately by reasoning APIs (OpenAI-compatible engines)
+    error: str = ""  # why the sample failed (finish_reason "error"): never holds a credential
+
+
+FINISH_REASONS = ("stop", "length", "error")
+
+
+def failed(error: str) -> Completion:
+    """A sample the engine could not produce: kept as a record so it is counted, never trained on."""
+    return Completion(text="", num_tokens=0, finish_reason="error", error=error)
 
 
 class Engine(Protocol):
@@ -35,7 +44,9 @@ class Engine(Protocol):
 
 def make_engine(kind: str, model: str, template: Any, *, dtype: str = "bfloat16", batch_size: int = 32,
                 trust_remote_code: bool = False, tensor_parallel_size: int = 1, endpoint: str = "",
-                endpoint_model: str = "", seed: int = 0) -> Engine:
+                endpoint_model: str = "", seed: int = 0, **http_options: Any) -> Engine:
+    """An engine of `kind`. `http_options` go to the OpenAI-compatible engine only (api, concurrency,
+    request_timeout_s, max_retries, max_response_bytes, fan_out, tokenizer, metrics, ...)."""
     if kind == "hf":
         from thinkforge.engines.hf import HFEngine
 
@@ -49,5 +60,5 @@ def make_engine(kind: str, model: str, template: Any, *, dtype: str = "bfloat16"
     if kind == "openai":
         from thinkforge.engines.openai import OpenAIEngine
 
-        return OpenAIEngine(endpoint, endpoint_model, template)
+        return OpenAIEngine(endpoint, endpoint_model, template, seed=seed, **http_options)
     raise ValueError(f"engine {kind!r}: expected one of hf, vllm, openai")

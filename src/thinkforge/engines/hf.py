@@ -1,12 +1,24 @@
-"""Hugging Face transformers engine: batched sampling, n samples per prompt, left padding."""
+"""Hugging Face transformers engine: batched sampling, n samples per prompt, left padding.
+
+Prompts of similar length batch together (`batch_size` sequences per forward pass, i.e.
+`batch_size // n` prompts). Each batch is seeded from `params.seed` and the text of its prompts, not
+from its position, so the same prompts with the same seed give the same samples however the call
+was split or resumed (on the same hardware, dtype and batch size).
+"""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from thinkforge.engines.base import Completion, SamplingParams
 from thinkforge.models import load_model, load_tokenizer
 from thinkforge.templates import render_prompt
+
+
+def batch_seed(seed: int, prompts: list[str]) -> int:
+    h = hashlib.blake2b(repr((seed, prompts)).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "big") & 0x7FFFFFFFFFFF
 
 
 class HFEngine:
@@ -34,10 +46,10 @@ class HFEngine:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         old_side, tok.padding_side = tok.padding_side, "left"
         try:
-            for b, start in enumerate(range(0, len(order), per_call)):
+            for start in range(0, len(order), per_call):
                 idx = order[start:start + per_call]
                 enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-                torch.manual_seed(params.seed * 100003 + b)
+                torch.manual_seed(batch_seed(params.seed, [prompts[i] for i in idx]))
                 with torch.inference_mode():
                     gen = self.model.generate(
                         **enc,

@@ -1,17 +1,60 @@
-"""Stage 1, generate: sample chain-of-thought rollouts of the training problems from the teacher."""
+"""Stage 1, generate: sample chain-of-thought rollouts of the training problems from the teacher.
+
+Resumable. The prompts to sample are cut into chunks of `generate.shard_prompts` (consecutive, in
+source order); each chunk's rollouts are written as one shard, `<shard_dir>/shard-NNNNN.jsonl`,
+atomically (temp file + rename) as soon as the chunk is done. A rerun with the same generation
+settings reads the shards, skips every (problem_id, sample_index) already there, and samples only
+the rest, so a killed run loses at most the chunk in flight. Each chunk is seeded from the run seed
+and the ids of its problems (never from its position or from how many chunks came before), so the
+resumed run produces exactly the rollouts an uninterrupted run would have, for a deterministic
+engine. When every chunk is done the shards are merged, in source order, into the one JSONL at
+`out_path` (written atomically) and removed (kept with `generate.keep_shards`).
+
+`<shard_dir>/manifest.json` records the settings that shape the samples (teacher, engine, sampling,
+template, data source, seed, chunking); shards written under other settings are discarded with a
+warning instead of being mixed in. `samples_per_prompt` is not part of it: raising it samples only
+the new indices. Shards live beside the output (`<out_path>.shards`) unless `generate.shard_dir`
+points at a persistent place (a PVC), which a retried KFP task needs to resume.
+
+Failed samples (an OpenAI-compatible endpoint that kept failing) are written with
+`finish_reason: "error"` and an `error` message; the filter drops them (reason `engine_error`). A rerun
+retries exactly those. When more than `generate.max_error_fraction` of the samples failed, the stage
+fails after saving its shards, so the rerun resumes.
+
+Problems that already carry a completion (import mode, e.g. a public CoT data set) are passed
+through as rollouts (sample index 0) without sampling.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from thinkforge.config import Recipe
 from thinkforge.engines import SamplingParams, make_engine
 from thinkforge.metrics import StageMetrics
 from thinkforge.progress import progress
-from thinkforge.records import write_jsonl
+from thinkforge.records import RecordError, iter_jsonl, write_json, write_jsonl
 from thinkforge.sources import load_problems
+
+log = logging.getLogger("thinkforge.generate")
+
+SHARD_FORMAT = 1
+_SHARD_RE = re.compile(r"^shard-(\d{5,})\.jsonl$")
+
+
+class GenerationError(RuntimeError):
+    """Too many samples failed, or the shard directory is in use."""
 
 
 @dataclass
@@ -21,11 +64,14 @@ class GenerateResult:
     imported: int
     output_tokens: int
     seconds: float
+    failed: int = 0  # samples the engine could not produce (finish_reason "error")
+    resumed: int = 0  # samples taken from shards of an earlier, interrupted run
+    shards: int = 0  # shards written by this run
 
 
 def rollout_record(problem: dict, index: int, completion: str, finish_reason: str, num_tokens: int,
-                   teacher: str) -> dict:
-    return {
+                   teacher: str, error: str = "") -> dict:
+    rec = {
         "problem_id": problem["id"],
         "sample_index": index,
         "problem": problem["problem"],
@@ -36,57 +82,244 @@ def rollout_record(problem: dict, index: int, completion: str, finish_reason: st
         "num_tokens": num_tokens,
         "teacher": teacher,
     }
+    for key in ("subject", "level", "source"):  # domain tags the filter balances on
+        if key in problem:
+            rec[key] = problem[key]
+    if error:
+        rec["error"] = error
+    return rec
+
+
+def chunk_seed(run_seed: int, ids: list[str], indices: tuple[int, ...]) -> int:
+    """The seed of one engine call: a function of what is sampled, not of when or where."""
+    h = hashlib.blake2b(json.dumps([run_seed, ids, list(indices)]).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") & 0x7FFFFFFF
+
+
+def fingerprint(cfg: Recipe, teacher: str) -> dict[str, Any]:
+    """The settings that decide what a shard holds; shards from other settings are not reused."""
+    g = cfg.generate
+    return {
+        "format": SHARD_FORMAT,
+        "teacher": str(teacher),
+        "engine": g.engine,
+        "endpoint_model": g.endpoint_model if g.engine == "openai" else "",
+        "api": g.api if g.engine == "openai" else "",
+        "completions_tokenizer": g.completions_tokenizer if g.engine == "openai" else "",
+        "temperature": g.temperature,
+        "top_p": g.top_p,
+        "max_new_tokens": g.max_new_tokens,
+        "batch_size": g.batch_size if g.engine == "hf" else 0,  # batch composition shapes hf samples
+        "dtype": g.dtype if g.engine != "openai" else "",
+        "shard_prompts": g.shard_prompts,
+        "template": cfg.template.model_dump(),
+        "seed": cfg.run.seed,
+        "data": cfg.data.train,
+    }
+
+
+class ShardStore:
+    """The shard directory of one generation: load what is done, add shards atomically."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]):
+        self.root = root
+        self.manifest = manifest
+        self._lock_fh: Any = None
+
+    def __enter__(self) -> ShardStore:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_fh = open(self.root / ".lock", "w")
+        try:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_fh.close()
+            raise GenerationError(f"{self.root}: another generation is writing these shards") from None
+        mpath = self.root / "manifest.json"
+        if mpath.exists():
+            try:
+                old = json.loads(mpath.read_text())
+            except (OSError, ValueError):
+                old = None
+            if old != self.manifest:
+                stale = self.shard_files()
+                if stale:
+                    log.warning("%s: %d shards were written with other generation settings; discarding them",
+                                self.root, len(stale))
+                for p in stale:
+                    p.unlink()
+        write_json(mpath, self.manifest)
+        for tmp in self.root.glob(".*.tmp"):  # a write killed before its rename
+            tmp.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock_fh is not None:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def shard_files(self) -> list[Path]:
+        return sorted((p for p in self.root.iterdir() if _SHARD_RE.match(p.name)), key=lambda p: p.name)
+
+    def load(self) -> tuple[dict[tuple[str, int], dict], dict[tuple[str, int], dict]]:
+        """(done, failed): the latest good record and the latest failed record of each (problem, index)."""
+        done: dict[tuple[str, int], dict] = {}
+        failed: dict[tuple[str, int], dict] = {}
+        for path in self.shard_files():
+            try:
+                rows = list(iter_jsonl(path))
+            except RecordError as e:  # cannot happen with atomic writes, unless the disk lied
+                log.warning("%s: unreadable shard (%s); its prompts are sampled again", path, e)
+                path.unlink()
+                continue
+            for r in rows:
+                key = (r["problem_id"], r["sample_index"])
+                (failed if r.get("finish_reason") == "error" else done)[key] = r
+        for key in done:
+            failed.pop(key, None)
+        return done, failed
+
+    def add(self, records: list[dict]) -> Path:
+        files = self.shard_files()
+        seq = int(_SHARD_RE.match(files[-1].name).group(1)) + 1 if files else 0  # type: ignore[union-attr]
+        path = self.root / f"shard-{seq:05d}.jsonl"
+        write_jsonl(path, records)
+        _fsync_dir(self.root)
+        return path
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def generate(cfg: Recipe, out_path: str | Path, teacher_path: str | None = None,
              metrics: StageMetrics | None = None) -> GenerateResult:
-    """Write rollout records (see thinkforge.records) to `out_path`.
-
-    Problems that already carry a completion (import mode, e.g. a public CoT data set) are passed
-    through as rollouts without sampling.
-    """
+    """Write rollout records (see thinkforge.records) to `out_path`, resuming from its shards."""
     g = cfg.generate
     start = time.time()
+    out_path = Path(out_path)
     problems = load_problems(cfg.data.train, limit=cfg.data.train_limit)
     imported = [p for p in problems if "completion" in p]
     todo = [p for p in problems if "completion" not in p or g.sample_imported]
     teacher = teacher_path or g.teacher or cfg.model.student
+    label = (g.endpoint_model or str(teacher)) if g.engine == "openai" else str(teacher)
     m = metrics or StageMetrics.disabled("generate")
     m.set("generate_prompts_planned", len(todo))
-    records = [rollout_record(p, 0, p["completion"], "stop", 0, "imported") for p in imported]
-    tokens = 0
-    if todo:
-        engine = make_engine(g.engine, teacher, cfg.template, dtype=g.dtype, batch_size=g.batch_size,
-                             trust_remote_code=cfg.model.trust_remote_code,
-                             tensor_parallel_size=g.tensor_parallel_size, endpoint=g.endpoint,
-                             endpoint_model=g.endpoint_model, seed=cfg.run.seed)
-        params = SamplingParams(n=g.samples_per_prompt, temperature=g.temperature, top_p=g.top_p,
-                                max_new_tokens=g.max_new_tokens, seed=cfg.run.seed)
+
+    def wanted(p: dict) -> range:
+        first = 1 if "completion" in p else 0  # index 0 is the imported trace
+        return range(first, first + g.samples_per_prompt)
+
+    root = Path(g.shard_dir) if g.shard_dir else out_path.with_name(out_path.name + ".shards")
+    tokens = sampled = written = 0
+    engine = None
+    with ShardStore(root, fingerprint(cfg, teacher)) as store:
+        done, failed = store.load()
+        resumed = sum((p["id"], i) in done for p in todo for i in wanted(p))
+        if resumed:
+            log.info("resuming: %d of %d samples already in %s", resumed, len(todo) * g.samples_per_prompt, root)
         bar = progress(len(todo), desc="generate", unit="prompt")
-        done = 0
+        prompts_done = 0
 
         def advance(k: int) -> None:
-            nonlocal done
-            done += k
+            nonlocal prompts_done
+            prompts_done += k
             bar.update(k)
-            m.set("generate_prompts_done", done)
+            m.set("generate_prompts_done", prompts_done)
 
         try:
-            outs = engine.generate([p["problem"] for p in todo], params, progress=advance)
+            for lo in range(0, len(todo), g.shard_prompts):
+                chunk = todo[lo:lo + g.shard_prompts]
+                groups: dict[tuple[int, ...], list[dict]] = defaultdict(list)
+                for p in chunk:
+                    need = tuple(i for i in wanted(p) if (p["id"], i) not in done)
+                    if need:
+                        groups[need].append(p)
+                if not groups:
+                    advance(len(chunk))
+                    continue
+                advance(len(chunk) - sum(len(v) for v in groups.values()))
+                if engine is None:
+                    engine = _make_engine(cfg, teacher, m)
+                records = []
+                for indices, group in groups.items():
+                    params = SamplingParams(n=len(indices), temperature=g.temperature, top_p=g.top_p,
+                                            max_new_tokens=g.max_new_tokens,
+                                            seed=chunk_seed(cfg.run.seed, [p["id"] for p in group], indices))
+                    outs = engine.generate([p["problem"] for p in group], params, progress=advance)
+                    for p, comps in zip(group, outs):
+                        for i, c in zip(indices, comps):
+                            text = f"<think>\n{c.reasoning}\n</think>\n\n{c.text}" if c.reasoning else c.text
+                            records.append(rollout_record(p, i, text, c.finish_reason, c.num_tokens, label,
+                                                          error=c.error))
+                store.add(records)
+                written += 1
+                chunk_tokens = sum(r["num_tokens"] for r in records)
+                tokens += chunk_tokens
+                sampled += len(records)
+                for r in records:
+                    key = (r["problem_id"], r["sample_index"])
+                    if r["finish_reason"] == "error":
+                        failed[key] = r
+                    else:
+                        done[key] = r
+                        failed.pop(key, None)
+                m.inc("generate_samples_total", len(records))
+                m.inc("generate_output_tokens_total", chunk_tokens)
+                elapsed = max(time.time() - start, 1e-9)
+                m.set("generate_samples_per_second", sampled / elapsed)
+                m.set("generate_output_tokens_per_second", tokens / elapsed)
         finally:
             bar.close()
-            engine.close()
-        for p, comps in zip(todo, outs):
-            first = 1 if "completion" in p else 0  # index 0 is the imported trace
-            for i, c in enumerate(comps, start=first):
-                text = f"<think>\n{c.reasoning}\n</think>\n\n{c.text}" if c.reasoning else c.text
-                records.append(rollout_record(p, i, text, c.finish_reason, c.num_tokens, str(teacher)))
-                tokens += c.num_tokens
-    write_jsonl(out_path, records)
+            if engine is not None:
+                engine.close()
+
+        records = [rollout_record(p, 0, p["completion"], "stop", 0, "imported") for p in imported]
+        n_failed = 0
+        for p in todo:
+            for i in wanted(p):
+                rec = done.get((p["id"], i)) or failed.get((p["id"], i))
+                if rec is None:  # every wanted pair was sampled above; a missing one is a bug
+                    raise GenerationError(f"{root}: no sample for problem {p['id']!r} index {i}")
+                n_failed += rec.get("finish_reason") == "error"
+                records.append(rec)
+        total = len(todo) * g.samples_per_prompt
+        if total and n_failed > g.max_error_fraction * total:
+            errors = sorted({r.get("error", "")[:120] for r in records if r.get("finish_reason") == "error"})
+            raise GenerationError(
+                f"{n_failed} of {total} samples failed (generate.max_error_fraction={g.max_error_fraction}); "
+                f"shards kept in {root}, a rerun retries only the failed samples. Errors: {'; '.join(errors[:5])}")
+        for r in records:
+            r.pop("v", None)
+        write_jsonl(out_path, records)
+    if not g.keep_shards and not n_failed:
+        shutil.rmtree(root, ignore_errors=True)
     seconds = time.time() - start
-    sampled = len(records) - len(imported)
-    m.inc("generate_samples_total", sampled)
-    m.inc("generate_output_tokens_total", tokens)
-    m.set("generate_samples_per_second", sampled / seconds)
-    m.set("generate_output_tokens_per_second", tokens / seconds)
-    return GenerateResult(len(problems), len(records), len(imported), tokens, seconds)
+    if seconds > 0:
+        m.set("generate_samples_per_second", sampled / seconds)
+        m.set("generate_output_tokens_per_second", tokens / seconds)
+    all_tokens = sum(r["num_tokens"] for r in records)
+    return GenerateResult(len(problems), len(records), len(imported), all_tokens, seconds,
+                          failed=n_failed, resumed=resumed, shards=written)
+
+
+def _make_engine(cfg: Recipe, teacher: Any, metrics: StageMetrics) -> Any:
+    g = cfg.generate
+    http: dict[str, Any] = {}
+    if g.engine == "openai":
+        http = dict(api=g.api, concurrency=g.concurrency, request_timeout_s=g.request_timeout_s,
+                    max_retries=g.max_retries, backoff_s=g.retry_backoff_s,
+                    max_response_bytes=g.max_response_bytes, fan_out=g.fan_out,
+                    tokenizer=g.completions_tokenizer or None, metrics=metrics)
+    return make_engine(g.engine, teacher, cfg.template, dtype=g.dtype, batch_size=g.batch_size,
+                       trust_remote_code=cfg.model.trust_remote_code, tensor_parallel_size=g.tensor_parallel_size,
+                       endpoint=g.endpoint, endpoint_model=g.endpoint_model, seed=cfg.run.seed, **http)

@@ -1,0 +1,547 @@
+"""OpenAI-compatible HTTP engine: an in-cluster vLLM/SGLang server, llama.cpp's server, or a hosted
+reasoning model (e.g. DeepSeek-R1) behind the OpenAI chat or completions API.
+
+What it does for each prompt:
+
+- **API**: ``api="chat"`` posts ``/chat/completions`` with the one template's system + user messages
+  (the server applies its own chat template); ``api="completions"`` posts ``/completions`` with the
+  prompt rendered here by ``thinkforge.templates.render_prompt`` (pass ``tokenizer`` so its chat
+  template is used; without one the plain "Problem:/Solution:" layout is sent). ``endpoint`` is the
+  base URL (``http://vllm:8000/v1``); a bare ``http://host:port`` gets ``/v1`` appended.
+- **n samples**: one request asks for ``n`` choices. A server that returns fewer (llama.cpp ignores
+  ``n``) is detected on the first answer: the missing samples are requested one by one, each with its
+  own seed, and every later prompt is fanned out the same way. ``fan_out=True`` fans out from the start
+  (servers that reject ``n > 1``).
+- **reasoning**: ``reasoning_content`` (or ``reasoning``) of a chat answer is kept as
+  ``Completion.reasoning``; the generate stage wraps it in ``<think>`` tags.
+- **limits**: at most ``concurrency`` requests in flight (a thread pool); a hard per-request deadline of
+  ``request_timeout_s`` (connect, headers and every read count against it, so a server that trickles
+  bytes is cut off too); a response body over ``max_response_bytes`` is abandoned mid-stream.
+- **retries**: HTTP 408/409/425/429 and 5xx, timeouts, connection errors and unparseable 200 answers
+  are retried up to ``max_retries`` times with exponential backoff and jitter (``Retry-After`` is
+  honoured, capped at ``max_backoff_s``). 401/403/404 stop the whole run at once (a wrong key, model or
+  URL fails every request the same way). Anything else, and a request that is still failing after its
+  retries, becomes failed samples: ``Completion(finish_reason="error", error=...)``, written as rollout
+  records so they are counted and dropped by the filter (reason ``engine_error``), never trained on.
+- **metrics** (a ``StageMetrics``): ``generate_requests_total`` per attempt,
+  ``generate_http_errors_total{code}`` per failed attempt and ``generate_http_retries_total{code}`` per
+  retry, where code is the HTTP status or ``timeout``, ``connection``, ``bad_response``, ``too_large``.
+- **API key**: ``THINKFORGE_TEACHER_API_KEY``, or the file named by ``THINKFORGE_TEACHER_API_KEY_FILE``
+  (a mounted Kubernetes secret). It is sent as ``Authorization: Bearer``, is not part of ``repr()``,
+  and is masked in every message this module logs, raises or stores.
+- **token counts**: exact from ``usage.completion_tokens`` when a request returns one choice; with
+  several choices, counted with ``tokenizer`` when given, else ``usage`` split by character length
+  (or ~4 characters per token when the server sends no usage).
+- **proxies**: ``HTTP(S)_PROXY``/``NO_PROXY`` are honoured (no proxy authentication).
+
+Connections are kept alive per worker thread. Streaming (SSE) is not used: a response arrives whole.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import http.client
+import json
+import logging
+import os
+import random
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from thinkforge.engines.base import Completion, SamplingParams, failed
+from thinkforge.templates import messages, render_prompt
+
+log = logging.getLogger("thinkforge.engines.openai")
+
+ENV_API_KEY = "THINKFORGE_TEACHER_API_KEY"
+ENV_API_KEY_FILE = "THINKFORGE_TEACHER_API_KEY_FILE"
+APIS = ("chat", "completions")
+RETRY_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
+FATAL_STATUS = frozenset({401, 403, 404})
+_READ = 65536
+_MASK = "***"
+
+
+class EngineError(RuntimeError):
+    """The endpoint cannot serve this run at all (bad key, unknown model, wrong URL, bad settings)."""
+
+
+class _Fault(Exception):
+    """One failed attempt: `code` labels the metric; retryable faults are tried again."""
+
+    def __init__(self, code: str, message: str, retryable: bool, retry_after: float | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class _Request:
+    prompt: int  # index into the problems of this call
+    first: int  # first sample slot this request fills
+    count: int  # samples asked for (the request's n)
+    seed: int
+
+
+def read_api_key(env: dict[str, str] | None = None) -> str:
+    """The teacher API key from the environment, or from the file a Kubernetes secret mounts; "" if none."""
+    env = os.environ if env is None else env
+    key = env.get(ENV_API_KEY, "").strip()
+    if key:
+        return key
+    path = env.get(ENV_API_KEY_FILE, "").strip()
+    if not path:
+        return ""
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise EngineError(f"{ENV_API_KEY_FILE}={path}: cannot read the API key file ({e.strerror})") from None
+    if not key:
+        raise EngineError(f"{ENV_API_KEY_FILE}={path}: the API key file is empty")
+    return key
+
+
+def _stable_seed(*parts: Any) -> int:
+    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+def _base_url(endpoint: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, base path) of an endpoint; a bare host gets /v1."""
+    if not endpoint:
+        raise EngineError("engine 'openai' needs generate.endpoint: the base URL of an OpenAI-compatible "
+                          "server, e.g. http://vllm.teacher.svc:8000/v1")
+    u = urlsplit(endpoint)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise EngineError(f"generate.endpoint {endpoint!r}: expected an http(s):// URL such as http://host:8000/v1")
+    if u.username or u.password:
+        raise EngineError("generate.endpoint must not carry credentials; set "
+                          f"{ENV_API_KEY} or {ENV_API_KEY_FILE} instead")
+    port = u.port or (443 if u.scheme == "https" else 80)
+    path = u.path.rstrip("/") or "/v1"
+    return u.scheme, u.hostname, port, path
+
+
+class OpenAIEngine:
+    """Samples from an OpenAI-compatible server; see the module docstring for the contract."""
+
+    def __init__(self, endpoint: str, model: str, template: Any, *, api: str = "chat", concurrency: int = 8,
+                 request_timeout_s: float = 600.0, max_retries: int = 5, backoff_s: float = 1.0,
+                 max_backoff_s: float = 60.0, max_response_bytes: int = 16 << 20, fan_out: bool = False,
+                 tokenizer: Any = None, metrics: Any = None, api_key: str | None = None, seed: int = 0,
+                 extra_body: dict[str, Any] | None = None):
+        if api not in APIS:
+            raise EngineError(f"api {api!r}: expected one of {', '.join(APIS)}")
+        for name, value, low in (("concurrency", concurrency, 1), ("max_retries", max_retries, 0),
+                                 ("max_response_bytes", max_response_bytes, 1024)):
+            if value < low:
+                raise EngineError(f"{name} must be >= {low}, got {value}")
+        if request_timeout_s <= 0:
+            raise EngineError(f"request_timeout_s must be > 0, got {request_timeout_s}")
+        self.scheme, self.host, self.port, self.base_path = _base_url(endpoint)
+        if not model:
+            raise EngineError("engine 'openai' needs generate.endpoint_model: the model name the server serves "
+                              "(vLLM: --served-model-name)")
+        self.endpoint = endpoint
+        self.model = model
+        self.template = template
+        self.api = api
+        self.concurrency = concurrency
+        self.request_timeout_s = float(request_timeout_s)
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.max_response_bytes = max_response_bytes
+        self.fan_out = fan_out
+        self.metrics = metrics
+        self.seed = seed
+        self.extra_body = dict(extra_body or {})
+        self._tokenizer_spec = tokenizer if isinstance(tokenizer, str) else None
+        self._tokenizer = None if isinstance(tokenizer, str) else tokenizer
+        self.__key = read_api_key() if api_key is None else api_key
+        self._local = threading.local()
+        self._conns: list[http.client.HTTPConnection] = []
+        self._conns_lock = threading.Lock()
+        self._warned: set[str] = set()
+        self._proxy = self._find_proxy()
+        self._rng = random.Random()  # jitter only; never affects what is sampled
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __repr__(self) -> str:  # never the key
+        return (f"OpenAIEngine(endpoint={self.endpoint!r}, model={self.model!r}, api={self.api!r}, "
+                f"concurrency={self.concurrency}, key={'set' if self.__key else 'none'})")
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def generate(self, problems: list[str], params: SamplingParams,
+                 progress: Callable[[int], None] | None = None) -> list[list[Completion]]:
+        n = params.n
+        slots: list[list[Completion | None]] = [[None] * n for _ in problems]
+        missing = [n] * len(problems)
+        queue: deque[_Request] = deque()
+        for p, text in enumerate(problems):
+            if self.fan_out:
+                queue.extend(_Request(p, k, 1, _stable_seed(params.seed, text, k)) for k in range(n))
+            else:
+                queue.append(_Request(p, 0, n, _stable_seed(params.seed, text, 0)))
+        pool = self._get_pool()
+        inflight: dict[Future, _Request] = {}
+        try:
+            def fill() -> None:
+                while queue and len(inflight) < self.concurrency:
+                    req = queue.popleft()
+                    if self.fan_out and req.count > 1:  # learned meanwhile that the server ignores n
+                        text = problems[req.prompt]
+                        queue.extendleft(reversed([_Request(req.prompt, k, 1, _stable_seed(params.seed, text, k))
+                                                   for k in range(req.first, req.first + req.count)]))
+                        continue
+                    inflight[pool.submit(self._request, problems[req.prompt], req, params)] = req
+
+            fill()
+            while inflight:
+                done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    req = inflight.pop(fut)
+                    comps = fut.result()  # EngineError propagates: the run cannot go on
+                    comps = comps[: req.count]
+                    for k, c in enumerate(comps):
+                        slots[req.prompt][req.first + k] = c
+                    if len(comps) < req.count:
+                        # The server answered with fewer choices than asked: it ignores `n`.
+                        if not self.fan_out:
+                            log.info("endpoint returned %d of %d choices: requesting samples one by one",
+                                     len(comps), req.count)
+                        self.fan_out = True
+                        text = problems[req.prompt]
+                        queue.extend(_Request(req.prompt, k, 1, _stable_seed(params.seed, text, k))
+                                     for k in range(req.first + len(comps), req.first + req.count))
+                    missing[req.prompt] -= len(comps)
+                    if missing[req.prompt] == 0 and progress is not None:
+                        progress(1)
+                fill()
+        finally:
+            if inflight:  # an error stopped the run: let the requests in flight end (each has a deadline)
+                wait(list(inflight))
+        return [[c if c is not None else failed("no sample") for c in row] for row in slots]
+
+    def _get_pool(self) -> ThreadPoolExecutor:
+        # One pool for the engine's life: its threads keep their connections alive between calls.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-engine")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    # -- one request with retries -----------------------------------------------------------------
+
+    def _body(self, problem: str, req: _Request, params: SamplingParams) -> bytes:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "n": req.count,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_new_tokens,
+            "seed": req.seed,
+            "stream": False,
+        }
+        if self.api == "chat":
+            body["messages"] = messages(problem, self.template)
+        else:
+            body["prompt"] = render_prompt(self._get_tokenizer(), problem, self.template)
+        body.update(self.extra_body)
+        return json.dumps(body).encode("utf-8")
+
+    def _request(self, problem: str, req: _Request, params: SamplingParams) -> list[Completion]:
+        body = self._body(problem, req, params)
+        attempt = 0
+        while True:
+            self._metric("generate_requests_total")
+            try:
+                data = self._post(body)
+                return self._parse(data, req.count)
+            except _Fault as f:
+                self._metric("generate_http_errors_total", code=f.code)
+                if not f.retryable or attempt >= self.max_retries:
+                    why = f"{f.code}: {f.message}" + (f" (after {attempt} retries)" if attempt else "")
+                    self._warn_once(f"fail-{f.code}", "endpoint request failed, %s samples lost: %s", req.count, why)
+                    return [failed(self._scrub(why)) for _ in range(req.count)]
+                attempt += 1
+                self._metric("generate_http_retries_total", code=f.code)
+                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+                delay = delay / 2 + self._rng.uniform(0, delay / 2)  # equal jitter
+                if f.retry_after is not None:
+                    delay = max(delay, min(f.retry_after, self.max_backoff_s))
+                log.debug("retry %d/%d in %.2fs after %s", attempt, self.max_retries, delay, f.code)
+                time.sleep(delay)
+
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    def _find_proxy(self) -> tuple[str, int] | None:
+        if self.host in ("localhost", "::1") or self.host.startswith("127."):
+            return None
+        try:
+            if urllib.request.proxy_bypass(self.host):
+                return None
+        except Exception:  # noqa: BLE001
+            pass
+        url = urllib.request.getproxies().get(self.scheme)
+        if not url:
+            return None
+        u = urlsplit(url if "://" in url else f"http://{url}")
+        return (u.hostname, u.port or 80) if u.hostname else None
+
+    def _new_conn(self, timeout: float) -> http.client.HTTPConnection:
+        target = self._proxy or (self.host, self.port)
+        if self.scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                target[0], target[1], timeout=timeout, context=ssl.create_default_context())
+            if self._proxy:
+                conn.set_tunnel(self.host, self.port)
+        else:
+            conn = http.client.HTTPConnection(target[0], target[1], timeout=timeout)
+        with self._conns_lock:
+            self._conns.append(conn)
+        return conn
+
+    def _drop_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+            with self._conns_lock:
+                if conn in self._conns:
+                    self._conns.remove(conn)
+
+    def _path(self) -> str:
+        path = f"{self.base_path}/{'chat/completions' if self.api == 'chat' else 'completions'}"
+        if self._proxy and self.scheme == "http":  # a plain HTTP proxy takes the absolute URL
+            return f"http://{self.host}:{self.port}{path}"
+        return path
+
+    def _post(self, body: bytes) -> dict[str, Any]:
+        deadline = time.monotonic() + self.request_timeout_s
+        headers = {"Content-Type": "application/json", "Accept": "application/json",
+                   "User-Agent": "thinkforge"}
+        if self.__key:
+            headers["Authorization"] = f"Bearer {self.__key}"
+        for fresh_try in (False, True):
+            conn = getattr(self._local, "conn", None)
+            reused = conn is not None and not fresh_try
+            started = False
+            try:
+                if not reused:
+                    self._drop_conn()
+                    conn = self._new_conn(self._remaining(deadline))
+                    self._local.conn = conn
+                elif conn.sock is not None:
+                    conn.sock.settimeout(self._remaining(deadline))
+                conn.request("POST", self._path(), body=body, headers=headers)
+                sock = conn.sock
+                if sock is not None:
+                    sock.settimeout(self._remaining(deadline))
+                resp = conn.getresponse()
+                started = True
+                raw = self._read_body(resp, sock, deadline)
+                if resp.will_close:
+                    self._drop_conn()
+                return self._decode(resp.status, raw, resp)
+            except _Fault:
+                self._drop_conn()
+                raise
+            except (socket.timeout, TimeoutError):
+                self._drop_conn()
+                raise _Fault("timeout", f"no complete answer within {self.request_timeout_s:g} s", True) from None
+            except (http.client.HTTPException, OSError) as e:
+                self._drop_conn()
+                # A kept-alive connection the server closed while idle: try once more on a fresh one.
+                if reused and not started and isinstance(
+                        e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+                    continue
+                raise _Fault("connection", f"{type(e).__name__}: {self._scrub(str(e))[:200]}", True) from None
+        raise AssertionError("unreachable")
+
+    def _remaining(self, deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("deadline")
+        return left
+
+    def _read_body(self, resp: http.client.HTTPResponse, sock: Any, deadline: float) -> bytes:
+        cap = self.max_response_bytes
+        length = resp.getheader("Content-Length")
+        if length and length.strip().isdigit() and int(length) > cap:
+            raise _Fault("too_large", f"response of {int(length)} bytes exceeds max_response_bytes={cap}", False)
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            if sock is not None:
+                sock.settimeout(self._remaining(deadline))
+            elif time.monotonic() > deadline:
+                raise socket.timeout("deadline")
+            block = resp.read1(_READ) if hasattr(resp, "read1") else resp.read(_READ)
+            if not block:
+                break
+            total += len(block)
+            if total > cap:
+                raise _Fault("too_large", f"response exceeds max_response_bytes={cap}; abandoned mid-stream", False)
+            chunks.append(block)
+        if getattr(resp, "length", None):  # Content-Length promised more than arrived
+            raise _Fault("connection", f"answer cut off after {total} bytes ({resp.length} missing)", True)
+        resp.close()  # read1 leaves a fully read response open; the kept-alive connection needs it closed
+        return b"".join(chunks)
+
+    def _decode(self, status: int, raw: bytes, resp: http.client.HTTPResponse) -> dict[str, Any]:
+        if status == 200:
+            try:
+                data = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise _Fault("bad_response", f"unparseable JSON answer ({len(raw)} bytes): {e}", True) from None
+            if not isinstance(data, dict):
+                raise _Fault("bad_response", f"expected a JSON object, got {type(data).__name__}", True)
+            return data
+        message = self._server_message(raw)
+        code = str(status)
+        if status in FATAL_STATUS:
+            hint = {401: f"check {ENV_API_KEY} / {ENV_API_KEY_FILE}",
+                    403: f"check {ENV_API_KEY} / {ENV_API_KEY_FILE} and the key's permissions",
+                    404: f"check generate.endpoint (base URL, usually ending in /v1) and "
+                         f"generate.endpoint_model ({self.model!r})"}[status]
+            raise EngineError(f"endpoint {self.endpoint} answered HTTP {status}: {message} ({hint})")
+        retryable = status in RETRY_STATUS or 500 <= status < 600
+        after = _retry_after(resp.getheader("Retry-After")) if retryable else None
+        raise _Fault(code, f"HTTP {status}: {message}", retryable, after)
+
+    def _server_message(self, raw: bytes) -> str:
+        text = raw[:4096].decode("utf-8", "replace")
+        try:
+            data = json.loads(text)
+            err = data.get("error", data) if isinstance(data, dict) else data
+            if isinstance(err, dict):
+                text = str(err.get("message") or err)
+            else:
+                text = str(err)
+        except (json.JSONDecodeError, AttributeError):
+            pass
+        return self._scrub(" ".join(text.split()))[:300] or "(empty body)"
+
+    # -- answers ------------------------------------------------------------------------------
+
+    def _parse(self, data: dict[str, Any], want: int) -> list[Completion]:
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise _Fault("bad_response", "answer has no choices", True)
+        if not all(isinstance(c, dict) for c in choices):
+            raise _Fault("bad_response", "answer has malformed choices", True)
+        choices = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)[:want]
+        parsed: list[tuple[str, str, str] | None] = []
+        for ch in choices:
+            if self.api == "chat":
+                msg = ch.get("message")
+                text = msg.get("content") if isinstance(msg, dict) else None
+                reasoning = (msg.get("reasoning_content") or msg.get("reasoning") or "") if isinstance(msg, dict) else ""
+                text = "" if text is None and isinstance(msg, dict) and reasoning else text
+            else:
+                text, reasoning = ch.get("text"), ""
+            if not isinstance(text, str) or not isinstance(reasoning, str):
+                parsed.append(None)
+                continue
+            parsed.append((text, reasoning, _finish(ch.get("finish_reason"))))
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        total = usage.get("completion_tokens")
+        total = total if isinstance(total, int) and not isinstance(total, bool) and total >= 0 else None
+        lengths = [len(p[0]) + len(p[1]) if p else 0 for p in parsed]
+        out = []
+        for i, p in enumerate(parsed):
+            if p is None:
+                out.append(failed("bad_response: malformed choice"))
+                continue
+            text, reasoning, finish = p
+            if finish == "error":
+                out.append(Completion(text=text, num_tokens=0, finish_reason="error", reasoning=reasoning,
+                                      error=f"finish_reason {choices[i].get('finish_reason')!r}"))
+                continue
+            out.append(Completion(text=text, num_tokens=self._count(text, reasoning, total, lengths, i, len(parsed)),
+                                  finish_reason=finish, reasoning=reasoning))
+        return out
+
+    def _count(self, text: str, reasoning: str, total: int | None, lengths: list[int], i: int, k: int) -> int:
+        if total is not None and k == 1:
+            return total
+        tok = self._get_tokenizer()
+        if tok is not None:
+            return len(tok.encode(reasoning + text, add_special_tokens=False))
+        if total is not None and sum(lengths):
+            return round(total * lengths[i] / sum(lengths))
+        return max(1, round((len(text) + len(reasoning)) / 4)) if (text or reasoning) else 0
+
+    def _get_tokenizer(self) -> Any:
+        if self._tokenizer is None and self._tokenizer_spec:
+            from thinkforge.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self._tokenizer_spec)
+        return self._tokenizer
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        if self.__key and self.__key in text:
+            text = text.replace(self.__key, _MASK)
+        return text
+
+    def _metric(self, name: str, **labels: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.inc(name, **labels)
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key in self._warned:
+            log.debug(msg, *args)
+        else:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+
+def _finish(reason: Any) -> str:
+    """Map a server's finish_reason onto stop / length / error."""
+    if reason == "length":
+        return "length"
+    if reason in (None, "stop", "eos", "eos_token", "end_turn", "stop_sequence"):
+        return "stop"
+    return "error"  # content_filter, abort, tool_calls, ...: not a usable chain of thought
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
