@@ -76,8 +76,11 @@ from typing import Any, Iterable
 
 from thinkforge.config import Recipe
 from thinkforge.metrics import StageMetrics
+from thinkforge.progress import progress
 from thinkforge.records import ROLLOUT_FIELDS, EmptyDataError, iter_jsonl, write_json, write_jsonl
 from thinkforge.verify import Verifier
+
+VERIFY_CHUNK = 512
 
 log = logging.getLogger("thinkforge.filter")
 
@@ -367,10 +370,15 @@ def filter_rollouts(cfg: Recipe, rollouts_path: str | Path, out_dir: str | Path,
 
     pre_reasons = [pre(r) for r in rollouts]
     to_verify = [i for i, p in enumerate(pre_reasons) if p is None]
-    with Verifier(mode=cfg.evaluate.extraction) as verifier:
-        verdicts = verifier.verify_many(
-            [(rollouts[i]["answer"], rollouts[i]["completion"], rollouts[i].get("answer_type", "math"))
-             for i in to_verify])
+    items = [(rollouts[i]["answer"], rollouts[i]["completion"], rollouts[i].get("answer_type", "math"))
+             for i in to_verify]
+    verdicts = []
+    # In chunks, so the progress bar moves; each chunk still spreads over the whole worker pool.
+    with Verifier(mode=cfg.evaluate.extraction) as verifier, progress(len(items), "filter", "rollout") as bar:
+        for start in range(0, len(items), VERIFY_CHUNK):
+            chunk = items[start:start + VERIFY_CHUNK]
+            verdicts.extend(verifier.verify_many(chunk))
+            bar.update(len(chunk))
     verdict_of = dict(zip(to_verify, verdicts))
 
     by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
