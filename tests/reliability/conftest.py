@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -66,10 +66,6 @@ def s3_credentials(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 @pytest.fixture
-def bucket(s3_server: Any) -> Iterator[Any]:
-    """A fresh bucket on the fixture server (an ObjectStore on it, talking to the server directly)."""
-    store = s3_server.store()
-    try:
-        yield store
-    finally:
-        s3_server.drop_bucket(store.bucket)
+def bucket(object_store: Any) -> Any:
+    """A fresh bucket on the fixture server (the s3 plugin's ObjectStore, talking to the server directly)."""
+    return object_store
