@@ -6,13 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from plugins.s3 import kill_at_first_checkpoint
 
 from thinkforge.checkpoints import (
     CheckpointSync,
@@ -224,30 +222,9 @@ def run_and_kill(script: Path, s3_server, store: ObjectStore, prefix: str, out_d
     """Start training in a subprocess, SIGKILL it as soon as the first complete remote checkpoint
     exists; returns the step of the newest complete remote checkpoint after the kill."""
     env = {**os.environ, **s3_server.env(), "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    log_path = out_dir.parent / f"{out_dir.name}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(script), store.bucket, prefix, str(out_dir), str(save_steps), str(slow),
-             "1" if hold else "0"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 180
-            while latest_complete(store, prefix) is None:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"no checkpoint before exit/timeout:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
-    assert "FINISHED" not in log_path.read_text()
-    latest = latest_complete(store, prefix)
-    assert latest is not None
-    return latest[0]
+    argv = [sys.executable, str(script), store.bucket, prefix, str(out_dir), str(save_steps), str(slow),
+            "1" if hold else "0"]
+    return kill_at_first_checkpoint(argv, env, out_dir.parent / f"{out_dir.name}.log", store, prefix)
 
 
 @pytest.mark.slow

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from plugins.s3 import kill_at_first_checkpoint
 
-from thinkforge.checkpoints import latest_complete, remote_checkpoints
+from thinkforge.checkpoints import remote_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -130,27 +128,10 @@ def kill_stage(cfg, model, data, work: Path, store, s3_server, *, slow: float, h
     cfg_file.write_text(json.dumps(cfg.model_dump()))
     log_path = work / f"{cfg.run.name}.log"
     env = {**os.environ, **s3_server.env(), "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(work / "child.py"), str(cfg_file), str(model), str(data),
-                                 str(work / f"{cfg.run.name}-out1"), str(slow), "1" if hold else "0"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 180
-            while latest_complete(store, prefix) is None:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"no checkpoint before exit/timeout:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.05)
-            if hold:
-                time.sleep(0.5)  # let the child reach its hold right after the save
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
-    assert "FINISHED" not in log_path.read_text()
-    return latest_complete(store, prefix)[0]
+    argv = [sys.executable, str(work / "child.py"), str(cfg_file), str(model), str(data),
+            str(work / f"{cfg.run.name}-out1"), str(slow), "1" if hold else "0"]
+    # With hold, let the child reach its hold right after the save before the kill.
+    return kill_at_first_checkpoint(argv, env, log_path, store, prefix, settle=0.5 if hold else 0.0)
 
 
 def stage_prefix(cfg, model, data) -> str:

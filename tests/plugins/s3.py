@@ -21,6 +21,7 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -324,3 +325,35 @@ def flaky_proxy(s3_server: S3Server) -> Iterator[Any]:
     yield make
     for p in proxies:
         p.close()
+
+
+def kill_at_first_checkpoint(argv: list[str], env: dict[str, str], log_path: Path, store: Any, prefix: str,
+                             settle: float = 0.0) -> int:
+    """Run `argv` (a training child) with output to `log_path`, SIGKILL it as soon as a complete remote
+    checkpoint exists under `prefix` (after `settle` seconds), and return the newest complete step."""
+    import signal
+    import subprocess
+    import time
+
+    from thinkforge.checkpoints import latest_complete
+
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while latest_complete(store, prefix) is None:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"no checkpoint before exit/timeout:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.05)
+            time.sleep(settle)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
+    assert "FINISHED" not in log_path.read_text()
+    latest = latest_complete(store, prefix)
+    assert latest is not None
+    return latest[0]
