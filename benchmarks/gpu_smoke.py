@@ -187,10 +187,9 @@ def run_generation(args: argparse.Namespace, cfg: Any, model_dir: Path, problems
     from thinkforge.engines.base import SamplingParams
     from thinkforge.engines.hf import HFEngine
     from thinkforge.models import load_model, load_tokenizer
-    from thinkforge.stages.rl import OnDevice
 
     model = load_model(model_dir, dtype="bfloat16").to(DEVICE())
-    engine = HFEngine(OnDevice(model), cfg.template, tokenizer=load_tokenizer(model_dir), batch_size=args.gen_batch)
+    engine = HFEngine(model, cfg.template, tokenizer=load_tokenizer(model_dir), batch_size=args.gen_batch)
     prompts = [p["problem"] for p in problems[:args.gen_prompts]]
     params = SamplingParams(n=1, temperature=1.0, top_p=1.0, max_new_tokens=args.gen_tokens, seed=0)
     engine.generate(prompts[:2], SamplingParams(n=1, temperature=1.0, max_new_tokens=8))  # warm-up

@@ -35,7 +35,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from thinkforge.records import RecordError, iter_jsonl_numbered
-from thinkforge.sources import load_problems, normalize_problem
+from thinkforge.sources import check_unique_ids, load_problems, normalize_problem
 
 ANSWER_TYPES = ("math", "integer", "choice")
 DEFAULT_K = 4
@@ -139,22 +139,19 @@ def load_benchmark(bench: Any, default_k: int = 0) -> LoadedBenchmark:
     else:
         rows = read_rows(source, redact=spec.redact)
         limit = bench.limit or int(q.get("limit", 0) or 0)
-        problems = []
+        located = []
         for i, (where, row) in enumerate(rows):
-            if limit and len(problems) >= limit:
+            if limit and len(located) >= limit:
                 break
             if spec.layout == "gpqa":
-                problems.append(_gpqa_problem(row, where, bench.name, i, bench.seed))
+                located.append((where, _gpqa_problem(row, where, bench.name, i, bench.seed)))
             else:
-                problems.append(_mapped_problem(row, where, bench.name, i, fields, answer_type, bench.seed,
-                                                redact=spec.redact))
-        if not problems:
+                located.append((where, _mapped_problem(row, where, bench.name, i, fields, answer_type, bench.seed,
+                                                       redact=spec.redact)))
+        if not located:
             raise RecordError(f"benchmark {bench.name}: {base}: no problems")
-        seen: set[str] = set()
-        for p in problems:
-            if p["id"] in seen:
-                raise RecordError(f"benchmark {bench.name}: duplicate problem id '{p['id']}'")
-            seen.add(p["id"])
+        check_unique_ids(located)
+        problems = [p for _, p in located]
     for p in problems:
         p["answer_type"] = answer_type
         if answer_type == "integer" and parse_integer(p["answer"]) is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from thinkforge.records import RecordError, check_fields, iter_jsonl_numbered
+from thinkforge.records import RecordError, check_fields, check_problem_text, iter_jsonl_numbered
 
 PROBLEM_KEYS = ("problem", "question", "prompt")
 ID_KEYS = ("id", "unique_id", "problem_id")
@@ -39,6 +39,7 @@ def normalize_problem(rec: dict[str, Any], where: str, source: str, index: int) 
     """Map one raw record of a known data set layout onto the problem format."""
     if not isinstance(rec, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    check_problem_text(rec, where)  # every source, not only JSONL: type and MAX_PROBLEM_CHARS
     text = next((rec[k] for k in PROBLEM_KEYS if isinstance(rec.get(k), str) and rec[k].strip()), None)
     if text is None:
         raise RecordError(f"{where}: missing field 'problem' (or 'question'): expected the problem text")
@@ -49,6 +50,9 @@ def normalize_problem(rec: dict[str, Any], where: str, source: str, index: int) 
         answer = None
     if isinstance(answer, (int, float)):
         answer = _number_text(answer)
+    if isinstance(answer, (list, tuple, dict)):
+        raise RecordError(f"{where}: field 'answer' is a {type(answer).__name__}, expected one reference final "
+                          "answer (a string or a number)")
     if (answer is None or answer == "") and isinstance(rec.get("solution"), str):
         from thinkforge.verify import last_boxed
 
@@ -72,32 +76,47 @@ def normalize_problem(rec: dict[str, Any], where: str, source: str, index: int) 
     return out
 
 
-def _load_path(path: Path, name: str) -> list[dict[str, Any]]:
+def _load_path(path: Path, name: str) -> list[tuple[str, dict[str, Any]]]:
+    """(where, problem) pairs: `where` names the file and line (or row/item) for later errors."""
     if not path.exists():
         raise RecordError(f"{path}: prompt source not found")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         rows = pq.read_table(path).to_pylist()
-        return [normalize_problem(r, f"{path}:row {i + 1}", name, i) for i, r in enumerate(rows)]
+        return _normalized([(f"{path}:row {i + 1}", r) for i, r in enumerate(rows)], name)
     if path.suffix == ".json":
         import json
 
         rows = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(rows, list):
             raise RecordError(f"{path}: expected a JSON list of problems")
-        return [normalize_problem(r, f"{path}:item {i + 1}", name, i) for i, r in enumerate(rows)]
-    out = [normalize_problem(rec, f"{path}:{lineno}", name, i) for i, (lineno, rec) in enumerate(iter_jsonl_numbered(path))]
+        return _normalized([(f"{path}:item {i + 1}", r) for i, r in enumerate(rows)], name)
+    out = _normalized(((f"{path}:{lineno}", rec) for lineno, rec in iter_jsonl_numbered(path)), name)
     if not out:
         raise RecordError(f"{path}: no problems (empty file)")
     return out
+
+
+def _normalized(rows: Any, name: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(where, normalize_problem(rec, where, name, i)) for i, (where, rec) in enumerate(rows)]
+
+
+def check_unique_ids(located: list[tuple[str, dict[str, Any]]]) -> None:
+    """Problem ids key shards, verdicts and evaluation samples: a repeated id names both places."""
+    first: dict[str, str] = {}
+    for where, p in located:
+        if p["id"] in first:
+            raise RecordError(f"{where}: field 'id': duplicate problem id '{p['id']}' (first at {first[p['id']]})")
+        first[p["id"]] = where
 
 
 def load_problems(spec: str, limit: int = 0) -> list[dict[str, Any]]:
     base, query = _split_spec(spec)
     limit = limit or int(query.pop("limit", 0) or 0)
     if base.startswith("builtin:"):
-        problems = builtin_source(base.removeprefix("builtin:"), query)
+        built = builtin_source(base.removeprefix("builtin:"), query)
+        problems = [(f"{base}:item {i + 1}", p) for i, p in enumerate(built)]
     elif base.startswith(("s3://", "minio://")):
         from thinkforge.storage import download_to_cache
 
@@ -107,15 +126,12 @@ def load_problems(spec: str, limit: int = 0) -> list[dict[str, Any]]:
     else:
         path = Path(base)
         problems = _load_path(path, path.stem)
-    seen: set[str] = set()
-    for p in problems:
-        if p["id"] in seen:
-            raise RecordError(f"{spec}: duplicate problem id '{p['id']}'")
-        seen.add(p["id"])
-    return problems[:limit] if limit else problems
+    check_unique_ids(problems)
+    out = [p for _, p in problems]
+    return out[:limit] if limit else out
 
 
-def _load_hub(name: str, config: str | None = None) -> list[dict[str, Any]]:
+def _load_hub(name: str, config: str | None = None) -> list[tuple[str, dict[str, Any]]]:
     """`hf:<dataset>[:<split>][?config=<name>]` (default split: train; the same form as evaluation sets).
 
     `<dataset>` is a hub name (needs network or the local HF cache), a local data set directory
@@ -144,7 +160,7 @@ def _load_hub(name: str, config: str | None = None) -> list[dict[str, Any]]:
     except Exception as e:  # network, missing split/config, unreadable files: name the source
         raise RecordError(f"hf:{name}: cannot load the data set ({type(e).__name__}: {e})") from e
     src = local.name if local.is_dir() else dataset.split("/")[-1]
-    out = [normalize_problem(dict(r), f"hf:{name}:row {i + 1}", src, i) for i, r in enumerate(rows)]
+    out = _normalized(((f"hf:{name}:row {i + 1}", dict(r)) for i, r in enumerate(rows)), src)
     if not out:
         raise RecordError(f"hf:{name}: no problems (empty split)")
     return out

@@ -138,10 +138,15 @@ SOURCES = [
     ("empty-file", "p.jsonl", b"", r"{f}: no problems \(empty file\)"),
     ("blank-lines-only", "p.jsonl", b"\n  \n\n", r"{f}: no problems \(empty file\)"),
     ("duplicate-ids", "p.jsonl", GOOD + b'{"id": "b", "problem": "2+2", "answer": "4"}\n' + GOOD,
-     r"{f}(?::3: field 'id')?: duplicate problem id 'a'.*"),  # the line once sources.py names it
+     r"{f}:3: field 'id': duplicate problem id 'a' \(first at {f}:1\)"),
     ("absurdly-long-problem", "p.jsonl", GOOD + json.dumps({"problem": LONG, "answer": "1"}).encode() + b"\n",
      r"{f}:2: field 'problem' is 65,537 characters, expected at most 65,536 "
      r"\(thinkforge\.records\.MAX_PROBLEM_CHARS\)"),
+    ("json-absurdly-long-problem", "p.json", json.dumps([{"problem": LONG, "answer": "1"}]).encode(),
+     r"{f}:item 1: field 'problem' is 65,537 characters, expected at most 65,536 "
+     r"\(thinkforge\.records\.MAX_PROBLEM_CHARS\)"),
+    ("answer-is-a-list", "p.jsonl", b'{"problem": "1+1", "answer": ["2"]}\n',
+     r"{f}:1: field 'answer' is a list, expected one reference final answer \(a string or a number\)"),
     ("json-not-a-list", "p.json", b'{"problem": "1+1", "answer": "2"}', r"{f}: expected a JSON list of problems"),
     ("json-item-missing-answer", "p.json", b'[{"problem": "1+1", "answer": "2"}, {"problem": "2+2"}]',
      r"{f}:item 2: missing field 'answer': expected the reference final answer"),

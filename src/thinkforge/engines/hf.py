@@ -21,12 +21,22 @@ def batch_seed(seed: int, prompts: list[str]) -> int:
     return int.from_bytes(h, "big") & 0x7FFFFFFFFFFF
 
 
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class HFEngine:
+    """A model given by name or path loads onto the GPU when there is one; a model object samples where it
+    already lives (the RL stage passes its policy). Inputs follow the model's device either way."""
+
     def __init__(self, model: str | Any, template: Any, *, tokenizer: Any = None, dtype: str = "bfloat16",
                  batch_size: int = 32, trust_remote_code: bool = False, seed: int = 0):
         if isinstance(model, str):
             tokenizer = tokenizer or load_tokenizer(model, trust_remote_code)
             model = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, seed=seed)
+            model = model.to(default_device())
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = template
@@ -49,6 +59,7 @@ class HFEngine:
             for start in range(0, len(order), per_call):
                 idx = order[start:start + per_call]
                 enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = enc.to(self.model.device)
                 torch.manual_seed(batch_seed(params.seed, [prompts[i] for i in idx]))
                 with torch.inference_mode():
                     gen = self.model.generate(

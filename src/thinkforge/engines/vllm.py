@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from thinkforge.engines.base import Completion, SamplingParams
-from thinkforge.models import load_tokenizer, resolve
+from thinkforge.models import check_safetensors, load_tokenizer, resolve
 from thinkforge.templates import render_prompt
 
 
@@ -16,11 +16,14 @@ class VLLMEngine:
             from vllm import LLM
         except ImportError as e:  # CPU images and this laptop have no vLLM
             raise RuntimeError("engine 'vllm' needs the vllm package (the CUDA image has it); use engine: hf") from e
-        path = str(resolve(model, seed=seed))
+        resolved = resolve(model, seed=seed)
+        check_safetensors(resolved)  # a local directory with only pickle weights is refused, as in load_model
+        path = str(resolved)
         self.tokenizer = load_tokenizer(path, trust_remote_code)
         self.template = template
         self.llm = LLM(model=path, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed,
-                       trust_remote_code=trust_remote_code, max_model_len=max_model_len)
+                       trust_remote_code=trust_remote_code, max_model_len=max_model_len,
+                       load_format="safetensors")  # never a pickle, also for hub names
 
     def generate(self, problems: list[str], params: SamplingParams, progress=None) -> list[list[Completion]]:
         from vllm import SamplingParams as VSampling

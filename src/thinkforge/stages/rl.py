@@ -31,6 +31,7 @@ TRL computes the training log-probabilities at the temperature it was built with
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
@@ -127,25 +128,6 @@ def length_cv(lengths: list[int]) -> float:
     return statistics.pstdev(lengths) / mean if mean > 0 else 0.0
 
 
-class OnDevice:
-    """A model for HFEngine that samples on the model's own device (the engine tokenizes on the CPU)."""
-
-    def __init__(self, model: Any):
-        self._model = model
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def eval(self) -> OnDevice:
-        self._model.eval()
-        return self
-
-    def generate(self, **kwargs: Any) -> Any:
-        dev = self._model.device
-        out = self._model.generate(**{k: v.to(dev) if hasattr(v, "to") else v for k, v in kwargs.items()})
-        return out.cpu()
-
-
 def optimize_prompts(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[str, Any]],
                      verifier: Verifier | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Sample candidates with the current model and keep those inside the pass-rate band whose response
@@ -157,7 +139,7 @@ def optimize_prompts(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[st
     candidates = rows[:r.prompt_opt_max_candidates] if r.prompt_opt_max_candidates else list(rows)
     if on_gpu():
         model.to("cuda")
-    engine = HFEngine(OnDevice(model), cfg.template, tokenizer=tokenizer, batch_size=max(r.prompt_opt_samples, 32))
+    engine = HFEngine(model, cfg.template, tokenizer=tokenizer, batch_size=max(r.prompt_opt_samples, 32))
     own = verifier is None
     verifier = verifier or Verifier(mode=cfg.evaluate.extraction)
     samples: dict[str, list[tuple[bool, int]]] = {c["id"]: [] for c in candidates}
@@ -370,6 +352,8 @@ def rl(cfg: Recipe, model_path: str | Path, prompts_path: str | Path, out_dir: s
     rows = select_prompts(read_rows(prompts_path, RL_PROMPT_FIELDS, "rl"), r)
     extra: dict[str, Any] = {}
     if r.prompt_optimization:
+        if on_gpu():  # sample on this process's GPU, where the Trainer would put the policy anyway
+            model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         rows, extra["prompt_optimization"] = optimize_prompts(cfg, model, tok, rows)
         log.info("rl: prompt optimization kept %d of %d prompts", len(rows), extra["prompt_optimization"]["candidates"])
     if r.reward_rebalancing:
