@@ -330,3 +330,26 @@ def test_ablation_table_markdown_html_and_plot():
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     page = ablation_html(md, png)
     assert "data:image/png;base64," in page and "<table>" in page
+
+
+def test_report_states_what_strict_extraction_would_read(tmp_path):
+    """The fallback report's strict line equals a real strict-mode evaluation of the same completions."""
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps({"id": f"p{i}", "problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                           for i in range(6)))
+
+    def answers(text, n):
+        i = int(text.split()[2])
+        return [f"So \\boxed{{{i + 1}}}.", f"The answer is {i + 1}.", f"I count {i + 1}", f"I count {i}"][:n]
+
+    scores = {}
+    for mode in ("fallback", "strict"):
+        cfg = recipe([{"name": "toy", "source": str(src)}], k=4, pass_k=[1], extraction=mode)
+        scores[mode] = evaluate(cfg, "unused", tmp_path / mode, label="final", engine=ScriptedEngine(answers))
+    fb, st = scores["fallback"]["benchmarks"]["toy"], scores["strict"]["benchmarks"]["toy"]
+    assert (fb["pass@1"], st["pass@1"]) == (0.75, 0.5)
+    assert fb["correct_by_rule"] == {"answer_is": 6, "boxed": 6, "last_number": 6}
+    cfg = recipe([{"name": "toy", "source": str(src)}], k=4, pass_k=[1], extraction="fallback")
+    md = markdown(cfg, compare(cfg, scores["fallback"], scores["fallback"]), {})
+    assert "correct answers by rule: base answer_is 6, boxed 6, last_number 6; final answer_is 6" in md
+    assert "under strict extraction (no last-number fallback) pass@1 would read base 50.0, final 50.0" in md

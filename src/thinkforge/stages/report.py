@@ -43,6 +43,15 @@ def compare(cfg: Recipe, base: dict[str, Any] | None, final: dict[str, Any]) -> 
     return rows
 
 
+def _strict_pass1(scores: dict[str, Any], k: int) -> float | None:
+    """pass@1 had extraction been strict: fallback tries \\boxed, then "the answer is", then the last number, so
+    a sample is correct under strict exactly when it was correct through one of the first two rules."""
+    rules, n = scores.get("correct_by_rule"), scores.get("n_problems")
+    if rules is None or not n or not k:
+        return None
+    return sum(v for rule, v in rules.items() if rule in ("boxed", "answer_is")) / (n * k)
+
+
 def markdown(cfg: Recipe, rows: list[dict[str, Any]], stages: dict[str, dict[str, Any]],
              ablation: dict[str, Any] | None = None, decision: dict[str, Any] | None = None) -> str:
     e = cfg.evaluate
@@ -74,8 +83,17 @@ def markdown(cfg: Recipe, rows: list[dict[str, Any]], stages: dict[str, dict[str
         if b:
             bits.insert(0, f"base: mean {b.get('mean_tokens', 0):.0f} tokens, "
                            f"truncated {_pct(b.get('truncation_rate'))}%")
-        rules = ", ".join(f"{k} {v}" for k, v in sorted(f.get("correct_by_rule", {}).items()))
-        lines.append(f"- {r['benchmark']}: " + "; ".join(bits) + (f"; correct answers by rule: {rules}" if rules else ""))
+        by_rule = [(label, x["correct_by_rule"]) for label, x in (("base", b), ("final", f))
+                   if x and x.get("correct_by_rule")]
+        if by_rule:
+            bits.append("correct answers by rule: " + "; ".join(
+                f"{label} " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())) for label, c in by_rule))
+        lines.append(f"- {r['benchmark']}: " + "; ".join(bits))
+        if e.extraction == "fallback":
+            strict = [(label, _strict_pass1(x, r["k"])) for label, x in (("base", b), ("final", f)) if x]
+            if all(v is not None for _, v in strict):
+                lines.append("  - under strict extraction (no last-number fallback) pass@1 would read " + ", ".join(
+                    f"{label} {_pct(v)}" for label, v in strict))
         g = r.get("gain")
         if g:
             verdict = "excludes zero" if g["ci_low"] > 0 or g["ci_high"] < 0 else "includes zero"
