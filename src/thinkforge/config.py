@@ -140,7 +140,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     logging_steps: int = Field(1, ge=1)
-    bf16: bool = Field(False, description="bf16 mixed precision (GPU).")
+    bf16: bool = Field(False, description="bf16 mixed precision (autocast): GPUs, and CPUs with AMX or AVX512-BF16.")
     gradient_checkpointing: bool = False
     save_steps: int = Field(
         100, ge=0, description="Write a complete checkpoint every N steps to object storage (when storage.endpoint "

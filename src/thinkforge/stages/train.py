@@ -104,7 +104,9 @@ def training_args(config_cls: type, t: TrainConfig, out_dir: str | Path, seed: i
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
-        bf16=t.bf16 and gpu,
+        # bf16 autocast on a GPU, and on a CPU in one process (AMX / AVX512-BF16 make it ~2x faster than
+        # fp32 there); multi-process CPU launches keep fp32, as accelerate's launch flags say (launch.py).
+        bf16=t.bf16 and (gpu or not os.environ.get(ENV_LAUNCHED)),
         use_cpu=not gpu and not ds,  # DeepSpeed on CPU runs without --cpu (DESIGN.md section 3)
         gradient_checkpointing=t.gradient_checkpointing,
         report_to=[],
