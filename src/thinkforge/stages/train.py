@@ -304,6 +304,9 @@ def fit(trainer: Any, cfg: Recipe, stage: str, t: TrainConfig, model_path: str |
         work_dir: str | Path, metrics: Any = None) -> dict[str, Any]:
     """``trainer.train()`` with checkpoints in object storage and resume; returns what happened
     (``{"resumed_from": step or None, "checkpoint_prefix": uri or None}``)."""
+    from thinkforge.stages.lm_head import use_plain_lm_head
+
+    use_plain_lm_head(trainer)  # CPU only: TRL's tiled head is built for GPU kernels
     info: dict[str, Any] = {"resumed_from": None, "checkpoint_prefix": None}
     resume: str | None = None
     guard = NonFiniteGuard(stage, metrics)
