@@ -37,6 +37,7 @@ def test_plain_head_matches_trls_fused_head(temperature):
     a = trl_model(input_ids=ids, labels=labels, fused_lm_head=True)
     b = ours(input_ids=ids, labels=labels, fused_lm_head=True)
     for key in OUTPUTS:
+        assert b[key].dtype == a[key].dtype and b[key].shape == a[key].shape, key  # DPO ANDs is_top1 with a mask
         torch.testing.assert_close(b[key].float(), a[key].float(), atol=1e-4, rtol=1e-4, msg=key)
     assert torch.equal(a.label_mask, b.label_mask)
     torch.testing.assert_close(b.loss, a.loss)

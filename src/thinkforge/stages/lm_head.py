@@ -70,7 +70,7 @@ def _plain_forward(fused_forward: Any, temperature: float) -> Any:
         picked = logp.gather(1, target.unsqueeze(1)).squeeze(1)
         entropy = -(logp.exp() * logp).sum(-1)  # with gradient: GRPO can add an entropy bonus
         with torch.no_grad():
-            top1 = (logits.argmax(-1) == target).to(logits.dtype)
+            top1 = logits.argmax(-1) == target
             mean_logits = logits.mean(-1)
             log_sum_sq = torch.logsumexp(2 * logp, -1)
 
