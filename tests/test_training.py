@@ -186,7 +186,9 @@ def test_dpo_reference_is_the_incoming_model_precomputed_or_not(recipe, tiny, da
     a = [h[k] for h in pre.history if "loss" in h for k in keys]
     b = [h[k] for h in live.history if "loss" in h for k in keys]
     assert len(a) == len(b) == 6 * len(keys)
-    assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    # abs 1e-5: the CPU LM head projects only labelled positions, so a batch's shape (precomputed in its own
+    # batches vs live) changes the matmul's summation order: ~1e-6 noise on a zero reward at step 1.
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
 
 
 def test_dpo_loss_type_from_config(recipe, tiny, data, tmp_path, monkeypatch):
