@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -25,6 +26,13 @@ class Completion:
 
 
 FINISH_REASONS = ("stop", "length", "error")
+
+
+def stable_seed(*parts: Any, bits: int = 31) -> int:
+    """A seed that is a function of `parts` (their repr) alone: the same work gets the same seed however
+    a call was split, ordered or resumed."""
+    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & ((1 << bits) - 1)
 
 
 def failed(error: str) -> Completion:

@@ -8,17 +8,11 @@ was split or resumed (on the same hardware, dtype and batch size).
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
-from thinkforge.engines.base import Completion, SamplingParams
+from thinkforge.engines.base import Completion, SamplingParams, stable_seed
 from thinkforge.models import load_model, load_tokenizer
 from thinkforge.templates import render_prompt
-
-
-def batch_seed(seed: int, prompts: list[str]) -> int:
-    h = hashlib.blake2b(repr((seed, prompts)).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(h, "big") & 0x7FFFFFFFFFFF
 
 
 def default_device() -> str:
@@ -60,7 +54,7 @@ class HFEngine:
                 idx = order[start:start + per_call]
                 enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = enc.to(self.model.device)
-                torch.manual_seed(batch_seed(params.seed, [prompts[i] for i in idx]))
+                torch.manual_seed(stable_seed(params.seed, [prompts[i] for i in idx], bits=47))
                 with torch.inference_mode():
                     gen = self.model.generate(
                         **enc,

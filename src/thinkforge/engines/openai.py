@@ -40,7 +40,6 @@ Connections are kept alive per worker thread. Streaming (SSE) is not used: a res
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import http.client
 import json
 import logging
@@ -58,7 +57,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from thinkforge.engines.base import Completion, SamplingParams, failed
+from thinkforge.engines.base import Completion, SamplingParams, failed, stable_seed
 from thinkforge.templates import messages, render_prompt
 
 log = logging.getLogger("thinkforge.engines.openai")
@@ -111,11 +110,6 @@ def read_api_key(env: dict[str, str] | None = None) -> str:
     if not key:
         raise EngineError(f"{ENV_API_KEY_FILE}={path}: the API key file is empty")
     return key
-
-
-def _stable_seed(*parts: Any) -> int:
-    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & 0x7FFFFFFF
 
 
 def _base_url(endpoint: str) -> tuple[str, str, int, str]:
@@ -190,12 +184,16 @@ class OpenAIEngine:
         n = params.n
         slots: list[list[Completion | None]] = [[None] * n for _ in problems]
         missing = [n] * len(problems)
+
+        def one_by_one(p: int, ks: range) -> list[_Request]:  # one sample per request, each its own seed
+            return [_Request(p, k, 1, stable_seed(params.seed, problems[p], k)) for k in ks]
+
         queue: deque[_Request] = deque()
         for p, text in enumerate(problems):
             if self.fan_out:
-                queue.extend(_Request(p, k, 1, _stable_seed(params.seed, text, k)) for k in range(n))
+                queue.extend(one_by_one(p, range(n)))
             else:
-                queue.append(_Request(p, 0, n, _stable_seed(params.seed, text, 0)))
+                queue.append(_Request(p, 0, n, stable_seed(params.seed, text, 0)))
         pool = self._get_pool()
         inflight: dict[Future, _Request] = {}
         try:
@@ -203,9 +201,7 @@ class OpenAIEngine:
                 while queue and len(inflight) < self.concurrency:
                     req = queue.popleft()
                     if self.fan_out and req.count > 1:  # learned meanwhile that the server ignores n
-                        text = problems[req.prompt]
-                        queue.extendleft(reversed([_Request(req.prompt, k, 1, _stable_seed(params.seed, text, k))
-                                                   for k in range(req.first, req.first + req.count)]))
+                        queue.extendleft(reversed(one_by_one(req.prompt, range(req.first, req.first + req.count))))
                         continue
                     inflight[pool.submit(self._request, problems[req.prompt], req, params)] = req
 
@@ -224,9 +220,7 @@ class OpenAIEngine:
                             log.info("endpoint returned %d of %d choices: requesting samples one by one",
                                      len(comps), req.count)
                         self.fan_out = True
-                        text = problems[req.prompt]
-                        queue.extend(_Request(req.prompt, k, 1, _stable_seed(params.seed, text, k))
-                                     for k in range(req.first + len(comps), req.first + req.count))
+                        queue.extend(one_by_one(req.prompt, range(req.first + len(comps), req.first + req.count)))
                     missing[req.prompt] -= len(comps)
                     if missing[req.prompt] == 0 and progress is not None:
                         progress(1)

@@ -137,8 +137,8 @@ def optimize_prompts(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[st
 
     r = cfg.rl
     candidates = rows[:r.prompt_opt_max_candidates] if r.prompt_opt_max_candidates else list(rows)
-    if on_gpu():
-        model.to("cuda")
+    if on_gpu():  # sample on this process's GPU, where the Trainer would put the policy anyway
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     engine = HFEngine(model, cfg.template, tokenizer=tokenizer, batch_size=max(r.prompt_opt_samples, 32))
     own = verifier is None
     verifier = verifier or Verifier(mode=cfg.evaluate.extraction)
@@ -352,8 +352,6 @@ def rl(cfg: Recipe, model_path: str | Path, prompts_path: str | Path, out_dir: s
     rows = select_prompts(read_rows(prompts_path, RL_PROMPT_FIELDS, "rl"), r)
     extra: dict[str, Any] = {}
     if r.prompt_optimization:
-        if on_gpu():  # sample on this process's GPU, where the Trainer would put the policy anyway
-            model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         rows, extra["prompt_optimization"] = optimize_prompts(cfg, model, tok, rows)
         log.info("rl: prompt optimization kept %d of %d prompts", len(rows), extra["prompt_optimization"]["candidates"])
     if r.reward_rebalancing:
