@@ -23,6 +23,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 
 
 def make_items(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
@@ -101,7 +102,7 @@ def pooled(items: list[tuple[str, str, str]], workers: int, timeout: float, fast
         verdicts = v.verify_many(items)
         seconds = time.perf_counter() - t0
         return {"verdicts": [x.correct for x in verdicts], "seconds": seconds, "startup_s": startup,
-                "timeouts": v.timeouts, "reasons": dict(__import__("collections").Counter(x.reason for x in verdicts))}
+                "timeouts": v.timeouts, "reasons": dict(Counter(x.reason for x in verdicts))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 REASONS = ("correct", "wrong_answer", "no_answer", "unverifiable_gold", "timeout")
 RULES = ("boxed", "answer_is", "choice", "last_number")
+STRICT_RULES = ("boxed", "answer_is")  # the rules mode "strict" tries; "fallback" tries them first too
 ANSWER_TYPES = ("math", "choice")
 MODES = ("strict", "fallback")
 

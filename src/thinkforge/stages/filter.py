@@ -123,11 +123,15 @@ def words(text: str) -> list[str]:
     return _WORD.findall(normalize(text))
 
 
+def word_ngrams(toks: list[str], n: int) -> set[str]:
+    """The word n-grams of `toks`; a text of at most n words is one n-gram of its own length."""
+    if len(toks) <= n:
+        return {" ".join(toks)} if toks else set()
+    return {" ".join(toks[i:i + n]) for i in range(len(toks) - n + 1)}
+
+
 def shingles(text: str, k: int = 3) -> set[str]:
-    w = words(text)
-    if len(w) <= k:
-        return {" ".join(w)} if w else set()
-    return {" ".join(w[i:i + k]) for i in range(len(w) - k + 1)}
+    return word_ngrams(words(text), k)
 
 
 def jaccard(a: set[str], b: set[str]) -> float:
@@ -227,9 +231,7 @@ class ContaminationIndex:
             return
         if len(toks) < self.n:
             self._short_lengths.add(len(toks))
-            gs = {" ".join(toks)}
-        else:
-            gs = self.grams(toks, self.n)
+        gs = word_ngrams(toks, self.n)
         d = len(self._docs)
         self._docs.append((benchmark, pid, len(gs)))
         for g in gs:
@@ -241,7 +243,7 @@ class ContaminationIndex:
     def match(self, text: str) -> tuple[str, str] | None:
         """(benchmark, problem id) of the most overlapping benchmark problem over the threshold, else None."""
         toks = words(text)
-        own = self.grams(toks, self.n) if len(toks) >= self.n else ({" ".join(toks)} if toks else set())
+        own = word_ngrams(toks, self.n)
         hits: Counter[int] = Counter()
         for g in own:
             for d in self._grams.get(g, ()):
@@ -468,6 +470,10 @@ def _histogram(values: Iterable[int], edges: list[int]) -> list[int]:
     return out
 
 
+def _shortest_first(r: dict[str, Any]) -> tuple[int, int]:
+    return r.get("num_tokens", 0), r["sample_index"]
+
+
 def _sft_row(r: dict[str, Any]) -> dict[str, Any]:
     return {"problem_id": r["problem_id"], "problem": r["problem"], "completion": r["completion"]}
 
@@ -476,8 +482,7 @@ def _select_sft(accepted: list[dict[str, Any]], stats: dict[str, dict], cfg: Rec
     per_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in accepted:
         per_prompt[r["problem_id"]].append(r)
-    picks = {pid: sorted(rows, key=lambda r: (r.get("num_tokens", 0), r["sample_index"]))[: cfg.filter.sft_per_prompt]
-             for pid, rows in per_prompt.items()}
+    picks = {pid: sorted(rows, key=_shortest_first)[: cfg.filter.sft_per_prompt] for pid, rows in per_prompt.items()}
     hardest_first = sorted(picks, key=lambda p: (stats[p]["pass_rate"], p))
     cap = cfg.filter.sft_max_examples
     if not cap:
@@ -499,7 +504,7 @@ def _select_sft(accepted: list[dict[str, Any]], stats: dict[str, dict], cfg: Rec
 def _pairs(by_problem: dict[str, list[dict[str, Any]]], per_prompt: int) -> list[dict[str, Any]]:
     pairs = []
     for pid, rows in by_problem.items():
-        good = sorted((r for r in rows if r["correct"]), key=lambda r: (r.get("num_tokens", 0), r["sample_index"]))
+        good = sorted((r for r in rows if r["correct"]), key=_shortest_first)
         bad = [r for r in rows if not r["answer_correct"]]
         for g in good[:per_prompt]:
             if not bad:

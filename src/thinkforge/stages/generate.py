@@ -173,10 +173,7 @@ class ShardStore:
                 path.unlink()
                 continue
             for r in rows:
-                key = (r["problem_id"], r["sample_index"])
-                (failed if r.get("finish_reason") == "error" else done)[key] = r
-        for key in done:
-            failed.pop(key, None)
+                note_sample(done, failed, r)
         return done, failed
 
     def add(self, records: list[dict]) -> Path:
@@ -186,6 +183,16 @@ class ShardStore:
         write_jsonl(path, records)
         _fsync_dir(self.root)
         return path
+
+
+def note_sample(done: dict[tuple[str, int], dict], failed: dict[tuple[str, int], dict], rec: dict) -> None:
+    """File a rollout under (problem, index): a good sample replaces a failed one, never the reverse."""
+    key = (rec["problem_id"], rec["sample_index"])
+    if rec.get("finish_reason") != "error":
+        done[key] = rec
+        failed.pop(key, None)
+    elif key not in done:
+        failed[key] = rec
 
 
 def _fsync_dir(path: Path) -> None:
@@ -267,12 +274,7 @@ def generate(cfg: Recipe, out_path: str | Path, teacher_path: str | None = None,
                 tokens += chunk_tokens
                 sampled += len(records)
                 for r in records:
-                    key = (r["problem_id"], r["sample_index"])
-                    if r["finish_reason"] == "error":
-                        failed[key] = r
-                    else:
-                        done[key] = r
-                        failed.pop(key, None)
+                    note_sample(done, failed, r)
                 m.inc("generate_samples_total", len(records))
                 m.inc("generate_output_tokens_total", chunk_tokens)
                 elapsed = max(time.time() - start, 1e-9)

@@ -16,6 +16,7 @@ from typing import Any
 from thinkforge.config import Recipe
 from thinkforge.evalsets import CATALOG
 from thinkforge.scoring import paired_bootstrap
+from thinkforge.verify import STRICT_RULES
 
 STAGE_ROWS = (("base", "base"), ("midtrain", "+mid-train"), ("sft", "+SFT"), ("dpo", "+DPO"), ("final", "+RL"))
 
@@ -49,7 +50,7 @@ def _strict_pass1(scores: dict[str, Any], k: int) -> float | None:
     rules, n = scores.get("correct_by_rule"), scores.get("n_problems")
     if rules is None or not n or not k:
         return None
-    return sum(v for rule, v in rules.items() if rule in ("boxed", "answer_is")) / (n * k)
+    return sum(v for rule, v in rules.items() if rule in STRICT_RULES) / (n * k)
 
 
 def markdown(cfg: Recipe, rows: list[dict[str, Any]], stages: dict[str, dict[str, Any]],
