@@ -57,15 +57,11 @@ def write_summary(summary: Any, metrics: Any, result: Any) -> dict[str, Any]:
 
 def train_component(stage: str, config: Any, model: Any, data: Any, trained: Any, summary: Any, metrics: Any) -> None:
     from thinkforge.launch import stage_function
-    from thinkforge.models import write_pointer
 
     cfg = load_config(config)
-    if not getattr(cfg, stage).enabled:
-        # A skipped stage passes its input model through by reference: no copy, same weights.
-        write_pointer(Path(trained.path), Path(model.path))
-        Path(summary.path).write_text(json.dumps({"skipped": True}))
-        metrics.log_metric("skipped", 1.0)
-        return
+    if not getattr(cfg, stage).enabled:  # the compiled DAG has no task for a stage that is off
+        raise ValueError(f"{stage}: this task runs only when {stage}.enabled is true; the pipeline was compiled "
+                         "from a different recipe than the config artifact")
     fn = stage_function(stage, cfg)  # in process, under accelerate/DeepSpeed, or as a Trainer job
     result = run_stage(cfg, stage, lambda m: fn(cfg, model.path, data.path, trained.path, metrics=m))
     write_summary(summary, metrics, result)
@@ -121,6 +117,8 @@ def publish_component(config: Any, model: Any, results: dict[str, Any], artifact
     from thinkforge.stages.publish import publish
 
     cfg = load_config(config)
+    results = {label: a for label, a in results.items() if a is not None}  # absent: not in the DAG
+    artifacts = {name: a for name, a in artifacts.items() if a is not None}
     lineage = {"config": (config.path, config.uri), "model": (model.path, model.uri),
                **{f"results_{label}": (a.path, a.uri) for label, a in results.items()},
                **{name: (a.path, a.uri) for name, a in artifacts.items()}}
@@ -148,9 +146,11 @@ def report_component(config: Any, results: dict[str, Any], summaries: dict[str, 
                                           compare, markdown, to_html)
 
     cfg = load_config(config)
-    res = {label: _json(a) for label, a in results.items()}
+    # An input is None when its task is not in the compiled DAG (stage off, evaluation not asked for).
+    res = {label: _json(a) if a is not None else {"label": label, "skipped": True, "reason": eval_skip_reason(cfg, label)
+                                                    or "not evaluated"} for label, a in results.items()}
     base, final = res.get("base", {}), res.get("final", {})
-    stages = {name: _json(a) for name, a in summaries.items()}
+    stages = {name: _json(a) if a is not None else {"skipped": True} for name, a in summaries.items()}
     rows = compare(cfg, None if base.get("skipped") else base, final) if not final.get("skipped") else []
     table = ablation(cfg, res)
     dec = _json(decision) if decision is not None else None

@@ -12,6 +12,19 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 
+def snapshot_data(source: str, endpoint: str, secure: bool, region: str) -> str:
+    """What the training data source holds now, as a digest (object versions or file digests). Never
+    cached: a recurring run after new data lands gets a new digest, and with it new cache keys downstream."""
+    import json
+
+    from thinkforge.config import StorageConfig
+    from thinkforge.sources import source_digest
+
+    snap = source_digest(source, StorageConfig(endpoint=endpoint, secure=secure, region=region))
+    print(json.dumps(snap))
+    return snap["digest"]
+
+
 def prepare_model(config: Input[Artifact], model: Output[Model]):
     """Materialize the student (hub name, URI or built-in) as a safetensors model artifact."""
     from thinkforge.components.common import load_config
@@ -97,12 +110,13 @@ def evaluate(config: Input[Artifact], model: Input[Model], label: str, results: 
     evaluate_component(config, model, label, results, samples, metrics)
 
 
-def publish(config: Input[Artifact], model: Input[Model], base_results: Input[Artifact],
-            midtrain_results: Input[Artifact], sft_results: Input[Artifact], dpo_results: Input[Artifact],
-            final_results: Input[Artifact], generate_summary: Input[Artifact], filter_summary: Input[Artifact],
-            midtrain_summary: Input[Artifact], sft_summary: Input[Artifact], dpo_summary: Input[Artifact],
-            rl_summary: Input[Artifact], kfp_run: str, decision: Output[Artifact], model_card: Output[Markdown],
-            metrics: Output[Metrics]):
+def publish(config: Input[Artifact], model: Input[Model], kfp_run: str, decision: Output[Artifact],
+            model_card: Output[Markdown], metrics: Output[Metrics], base_results: Input[Artifact] = None,
+            midtrain_results: Input[Artifact] = None, sft_results: Input[Artifact] = None,
+            dpo_results: Input[Artifact] = None, final_results: Input[Artifact] = None,
+            generate_summary: Input[Artifact] = None, filter_summary: Input[Artifact] = None,
+            midtrain_summary: Input[Artifact] = None, sft_summary: Input[Artifact] = None,
+            dpo_summary: Input[Artifact] = None, rl_summary: Input[Artifact] = None):
     """Publish the final model, its eval results and the recipe to the registry; promote it when it beats
     the champion by the configured margin ("not promoted" is an outcome, not a failure)."""
     from thinkforge.components.common import publish_component
@@ -116,12 +130,14 @@ def publish(config: Input[Artifact], model: Input[Model], base_results: Input[Ar
                       kfp_run, decision, model_card, metrics)
 
 
-def report(config: Input[Artifact], base_results: Input[Artifact], midtrain_results: Input[Artifact],
-           sft_results: Input[Artifact], dpo_results: Input[Artifact], final_results: Input[Artifact],
-           generate_summary: Input[Artifact], filter_summary: Input[Artifact], midtrain_summary: Input[Artifact],
-           sft_summary: Input[Artifact], dpo_summary: Input[Artifact], rl_summary: Input[Artifact],
-           decision: Input[Artifact], report_md: Output[Markdown], report_html: Output[HTML],
-           ablation_md: Output[Markdown], ablation_html: Output[HTML], metrics: Output[Metrics]):
+def report(config: Input[Artifact], report_md: Output[Markdown], report_html: Output[HTML],
+           ablation_md: Output[Markdown], ablation_html: Output[HTML], metrics: Output[Metrics],
+           base_results: Input[Artifact] = None, midtrain_results: Input[Artifact] = None,
+           sft_results: Input[Artifact] = None, dpo_results: Input[Artifact] = None,
+           final_results: Input[Artifact] = None, generate_summary: Input[Artifact] = None,
+           filter_summary: Input[Artifact] = None, midtrain_summary: Input[Artifact] = None,
+           sft_summary: Input[Artifact] = None, dpo_summary: Input[Artifact] = None,
+           rl_summary: Input[Artifact] = None, decision: Input[Artifact] = None):
     """The run report: base vs final on every benchmark, the per-stage ablation table with its plot, the
     registry's decision, and what each stage did."""
     from thinkforge.components.common import report_component
@@ -134,14 +150,11 @@ def report(config: Input[Artifact], base_results: Input[Artifact], midtrain_resu
                      decision, report_md, report_html, ablation_md, ablation_html, metrics)
 
 
-STAGES = ("generate", "filter_rollouts", "midtrain", "sft", "dpo", "rl", "evaluate", "publish")
-
-
 def build(image: str, parameters: dict) -> SimpleNamespace:
     """The components on `image` (the thinkforge CPU or CUDA image); `parameters` are the flattened
     recipe fields the `configure` component takes one by one."""
     from thinkforge.components.configure import configure_function
 
-    fns = (configure_function(parameters), prepare_model, generate, filter_rollouts, midtrain, sft, dpo, rl,
+    fns = (snapshot_data, configure_function(parameters), prepare_model, generate, filter_rollouts, midtrain, sft, dpo, rl,
            evaluate, publish, report)
     return SimpleNamespace(**{f.__name__: dsl.component(base_image=image)(f) for f in fns})

@@ -36,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     # Fail in a second, with file and line, rather than inside the generate task's traceback.
-    load_problems(recipe.data.train, limit=recipe.data.train_limit)
+    load_problems(recipe.data.train, limit=recipe.data.train_limit, storage=recipe.storage)
     root = Path(args.pipeline_root or Path(recipe.run.output_dir) / recipe.run.name).resolve()
     root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
@@ -99,6 +99,25 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_load(args: argparse.Namespace) -> int:
+    """Check a prompt file as the generate stage would read it, then put it at an s3:// / minio:// URI
+    (the data a recurring run reads: its snapshot task sees the new object version)."""
+    from thinkforge.sources import load_problems, source_digest
+    from thinkforge.storage import ObjectStore
+
+    problems = load_problems(args.file)  # every bad line named before anything is written
+    storage = _recipe(args).storage if args.recipe else None
+    store, key = ObjectStore.from_uri(args.to, storage)
+    if not key or key.endswith("/"):
+        raise ConfigError(f"--to {args.to}: expected s3://bucket/key (a file name, not a prefix)")
+    store.ensure_bucket()
+    store.upload_file(args.file, key, content_type="application/x-ndjson" if args.file.endswith(".jsonl")
+                      else "application/octet-stream")
+    snap = source_digest(args.to, storage)
+    print(f"loaded {len(problems)} problems from {args.file} to {args.to} (digest {snap['digest']})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="thinkforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["strict", "fallback"], default="fallback")
     p.add_argument("--json", help="also write the metrics as JSON here")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("data", help="data sets in object storage")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("load", help="check a prompt file and put it in the data bucket")
+    p.add_argument("file", help="a .jsonl/.json/.parquet prompt file (fields as for data.train)")
+    p.add_argument("--to", required=True, help="s3://bucket/key or minio://bucket/key")
+    _add_recipe_args(p, required=False)  # storage.endpoint/secure/region; else THINKFORGE_S3_* env
+    p.set_defaults(func=cmd_data_load)
 
     add_cli(sub)  # upload, submit, schedule against a KFP server
 

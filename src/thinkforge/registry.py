@@ -419,10 +419,11 @@ def lineage(cfg: Recipe, artifacts: dict[str, Any], kfp_run: str = "") -> dict[s
         "kfp_run": kfp_run,
         "sources": {
             "student": cfg.model.student, "tokenizer": cfg.model.tokenizer or cfg.model.student,
-            "teacher": teacher if g.enabled else "", "train": cfg.data.train, "train_limit": cfg.data.train_limit,
+            "teacher": teacher, "train": cfg.data.train, "train_limit": cfg.data.train_limit,
+            "train_snapshot": cfg.data.snapshot,
             "benchmarks": {b.name: b.source or b.dataset or b.name for b in cfg.evaluate.benchmarks},
         },
-        "stages": {s: getattr(cfg, s).enabled for s in ("generate", "filter", "midtrain", "sft", "dpo", "rl")},
+        "stages": {s: getattr(cfg, s).enabled for s in ("midtrain", "sft", "dpo", "rl")},
         "artifacts": artifacts,
     }
 

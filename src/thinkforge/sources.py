@@ -111,7 +111,9 @@ def check_unique_ids(located: list[tuple[str, dict[str, Any]]]) -> None:
         first[p["id"]] = where
 
 
-def load_problems(spec: str, limit: int = 0) -> list[dict[str, Any]]:
+def load_problems(spec: str, limit: int = 0, storage: Any = None) -> list[dict[str, Any]]:
+    """The problems of `spec`; `storage` (the recipe's StorageConfig) names the endpoint of s3:// and
+    minio:// sources (a pod has the config, not THINKFORGE_S3_ENDPOINT)."""
     base, query = _split_spec(spec)
     limit = limit or int(query.pop("limit", 0) or 0)
     if base.startswith("builtin:"):
@@ -120,7 +122,7 @@ def load_problems(spec: str, limit: int = 0) -> list[dict[str, Any]]:
     elif base.startswith(("s3://", "minio://")):
         from thinkforge.storage import download_to_cache
 
-        problems = _load_path(download_to_cache(base), Path(base.rsplit("/", 1)[-1]).stem)
+        problems = _load_path(download_to_cache(base, storage), Path(base.rsplit("/", 1)[-1]).stem)
     elif base.startswith("hf:"):
         problems = _load_hub(base.removeprefix("hf:"), query.pop("config", None) or None)
     else:
@@ -129,6 +131,32 @@ def load_problems(spec: str, limit: int = 0) -> list[dict[str, Any]]:
     check_unique_ids(problems)
     out = [p for _, p in problems]
     return out[:limit] if limit else out
+
+
+def source_digest(spec: str, storage: Any = None) -> dict[str, Any]:
+    """What `spec` holds now, as a digest that changes exactly when its data does: object ETags and
+    version ids of an s3:// / minio:// file or prefix, the content hash of a local file, the spec itself
+    for built-in sources (generated from code) and hub data sets (`hf:` names carry no version here).
+    The pipeline's uncached snapshot task feeds it to every task, so KFP's cache follows the data."""
+    base, _ = _split_spec(spec)
+    if base.startswith(("s3://", "minio://")):
+        from thinkforge.storage import ObjectStore
+
+        store, key = ObjectStore.from_uri(base, storage)
+        objects = store.describe(key)
+        if not objects:
+            raise RecordError(f"{base}: no such object or prefix at {store.where()}")
+        parts = [f"{o['key']}:{o['etag']}:{o['version_id']}:{o['size']}" for o in objects]
+        kind = "objects"
+    elif base.startswith(("builtin:", "hf:")):
+        parts, kind = [], "spec"
+    else:
+        path = Path(base)
+        if not path.is_file():
+            raise RecordError(f"{base}: no such file")
+        parts, kind = [hashlib.sha256(path.read_bytes()).hexdigest()], "file"
+    digest = hashlib.sha256("\n".join([spec, *parts]).encode()).hexdigest()[:16]
+    return {"source": spec, "kind": kind, "digest": digest, "objects": len(parts) if kind == "objects" else 0}
 
 
 def _load_hub(name: str, config: str | None = None) -> list[tuple[str, dict[str, Any]]]:

@@ -1,0 +1,199 @@
+"""The cluster contract, tested without a cluster: the compiled pipeline run task by task as isolated
+pods (tests/podrunner.py: what it follows from KFP's driver and launcher and what it does not emulate).
+
+The pipeline is compiled the way the chart's upload Job compiles it (its `--set` arguments, read from
+the rendered chart), and the pods get the Secrets the chart renders, so a name or key that does not
+line up fails here as it would fail a pod. One substitution: the chart's object-store host name
+(`<release>-minio:9000`, cluster DNS) is replaced by the loopback S3 server's address. KFP's own
+artifacts go to KFP's default pipeline root (`minio://mlpipeline/v2/artifacts`, KFP's object store)
+unless the chart renders a kfp-launcher ConfigMap, whose `defaultPipelineRoot` then applies.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from podrunner import PodFailed, PodRunner
+from thinkforge.config import load_recipe, parse_set_flags
+from thinkforge.pipelines.training import compile_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "thinkforge"
+KFP_ROOT = "minio://mlpipeline/v2/artifacts"  # standalone KFP's defaultPipelineRoot
+KFP_BUCKET = "mlpipeline"
+LEAK = "THINKFORGE_TEST_PROCESS_ONLY"  # set in the test process; no pod may see it
+
+pytestmark = pytest.mark.timeout(1800)
+
+
+def render_chart(values: dict | None = None) -> list[dict]:
+    import helm_python as helm
+
+    with helm.Chart.load(str(CHART)) as chart:
+        out = chart.render(values=values or {}, name="tf", namespace="kubeflow", is_install=True)
+    return [d for path, text in sorted(out.items()) if not path.endswith("NOTES.txt")
+            for d in yaml.safe_load_all(text) if d]
+
+
+def chart_secrets(docs: list[dict]) -> dict[str, dict[str, str]]:
+    out = {}
+    for d in docs:
+        if d.get("kind") == "Secret":
+            data = {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
+            data.update(d.get("stringData") or {})
+            out[d["metadata"]["name"]] = data
+    return out
+
+
+def upload_sets(docs: list[dict]) -> list[str]:
+    """The `--set` arguments the chart's upload Job compiles the pipeline with."""
+    job = next(d for d in docs if d.get("kind") == "Job" and "upload" in d["metadata"]["name"])
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    argv = [*c.get("command", []), *c.get("args", [])]
+    text = " ".join(argv)
+    args = argv if "upload" in argv else text.split()
+    return [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+
+
+def pipeline_root(docs: list[dict]) -> str:
+    for d in docs:
+        if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == "kfp-launcher":
+            return d["data"]["defaultPipelineRoot"]
+    return KFP_ROOT
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server, tmp_path_factory):
+    """The rendered chart's Secrets and compile arguments, the S3 server as both KFP's object store and
+    the chart's, and the KFP bucket; `compile(sets)` compiles the smoke recipe as the upload Job would."""
+    docs = render_chart()
+    sets = [s for s in upload_sets(docs) if not s.startswith(("storage.endpoint=", "storage.secure="))]
+    sets += [f"storage.endpoint={s3_server.endpoint}", "storage.secure=false"]
+    bucket = next(s.split("=", 1)[1] for s in sets if s.startswith("storage.bucket="))
+    mc = s3_server.minio()
+    for b in (KFP_BUCKET, bucket):
+        if not mc.bucket_exists(b):
+            mc.make_bucket(b)
+    work = tmp_path_factory.mktemp("pods")
+
+    class Cluster:
+        secrets = chart_secrets(docs)
+        root = pipeline_root(docs)
+        s3 = mc
+        server = s3_server
+        data_bucket = bucket
+
+        @staticmethod
+        def compile(extra: list[str] = (), recipe: str = "recipes/smoke.yaml") -> Path:
+            r = load_recipe(ROOT / recipe, parse_set_flags([*sets, *extra]))
+            out = work / f"pipeline-{uuid.uuid4().hex[:8]}.yaml"
+            compile_pipeline(r, out, image="thinkforge:test")
+            return out
+
+        @staticmethod
+        def runner(ir: Path, **kw) -> PodRunner:
+            return PodRunner(ir, s3=mc, pipeline_root=Cluster.root, secrets=Cluster.secrets,
+                             workdir=work / uuid.uuid4().hex[:8], **kw)
+
+    return Cluster
+
+
+@pytest.fixture(autouse=True)
+def leak_marker(monkeypatch):
+    monkeypatch.setenv(LEAK, "1")
+    monkeypatch.setenv("THINKFORGE_S3_ENDPOINT", "127.0.0.1:1")  # a pod that read the test's env would fail
+
+
+def run_name() -> str:
+    return f"pods-{uuid.uuid4().hex[:8]}"
+
+
+def read_artifact(cluster, art) -> bytes:
+    bucket, _, key = art.uri.split("://", 1)[1].partition("/")
+    return cluster.s3.get_object(bucket, key).read()
+
+
+def test_smoke_dag_runs_as_isolated_pods(cluster):
+    ir = cluster.compile()
+    result = cluster.runner(ir).run({"run__name": run_name()})
+    assert set(result.ran()) == set(result.tasks)  # every task started a pod and succeeded
+    report = read_artifact(cluster, result.tasks["report"].artifacts["report_md"]).decode()
+    assert "word-problems" in report and "## Registry" in report
+    for name, t in result.tasks.items():
+        assert LEAK not in t.env and "THINKFORGE_S3_ENDPOINT" not in t.env, name
+        # what the platform config gives every pod: the chart's S3 Secret as env
+        assert t.env.get("THINKFORGE_S3_ACCESS_KEY"), name
+    # every output artifact lives under KFP's pipeline root, in KFP's object store
+    assert all(a.uri.startswith(cluster.root) for t in result.tasks.values() for a in t.artifacts.values())
+
+
+@pytest.mark.parametrize("stage", ["midtrain", "sft", "dpo", "rl"])
+def test_each_stage_disabled_in_turn(cluster, stage):
+    ir = cluster.compile([f"{stage}.enabled=false"])
+    spec = next(yaml.safe_load_all(ir.read_text()))
+    tasks = spec["root"]["dag"]["tasks"]
+    assert stage not in tasks  # no pod for a stage that is off
+    order = [s for s in ("midtrain", "sft", "dpo", "rl") if s != stage]
+    producers = {s: tasks[s]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] for s in order}
+    expected_prev = dict(zip(order, ["prepare-model", *order[:-1]]))
+    assert producers == expected_prev  # the next stage takes the previous stage's model artifact
+    result = cluster.runner(ir).run({"run__name": run_name()})
+    assert stage not in result.tasks and set(result.ran()) == set(result.tasks)
+    report = read_artifact(cluster, result.tasks["report"].artifacts["report_md"]).decode()
+    assert "skipped" in report
+
+
+def test_evaluations_off_start_no_pods(cluster):
+    ir = cluster.compile(["evaluate.per_stage=false", "evaluate.evaluate_base=false", "registry.enabled=false"])
+    result = cluster.runner(ir).run({"run__name": run_name()})
+    evals = [t for t in result.tasks if t.startswith("evaluate")]
+    assert len(evals) == 1 and "publish" not in result.tasks  # only the final evaluation
+    assert set(result.ran()) == set(result.tasks)
+
+
+def test_a_missing_secret_fails_the_pod_like_the_kubelet(cluster):
+    ir = cluster.compile(["cluster.hf_secret=no-such-secret"])
+    with pytest.raises(PodFailed, match="CreateContainerConfigError: secret 'no-such-secret' not found"):
+        cluster.runner(ir).run({"run__name": run_name()}, until={"prepare-model"})
+
+
+def test_scheduled_run_sees_new_data(cluster, tmp_path):
+    """A recurring run with unchanged data reuses generate from KFP's cache; new data in the bucket
+    changes the snapshot digest, and with it generate's cache key, so generate runs on the new data."""
+    data = tmp_path / "train.jsonl"
+    uri = f"s3://{cluster.data_bucket}/data/{uuid.uuid4().hex[:8]}/train.jsonl"
+
+    def load(n: int) -> None:
+        rows = [{"id": f"p{i}", "problem": f"What is {i} + {n}?", "answer": str(i + n)} for i in range(n)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        env = {**os.environ, **cluster.server.env()}
+        out = subprocess.run([sys.executable, "-m", "thinkforge.cli", "data", "load", str(data), "--to", uri],
+                             env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert f"loaded {n} problems" in out.stdout
+
+    ir = cluster.compile([f"data.train={uri}"])
+    cache: dict = {}
+    runner = cluster.runner(ir, cache=cache)
+    name = run_name()
+    load(6)
+    first = runner.run({"run__name": name}, until={"generate"})
+    second = runner.run({"run__name": name}, until={"generate"})
+    assert not first.tasks["generate"].cached and second.tasks["generate"].cached
+    assert not second.tasks["snapshot-data"].cached  # the snapshot itself always runs
+    assert second.tasks["generate"].cache_key == first.tasks["generate"].cache_key
+    load(7)  # new data lands in the bucket
+    third = runner.run({"run__name": name}, until={"generate"})
+    assert not third.tasks["generate"].cached
+    assert third.tasks["generate"].cache_key != first.tasks["generate"].cache_key
+    summary = json.loads(read_artifact(cluster, third.tasks["generate"].artifacts["summary"]))
+    assert summary["problems"] == 7
