@@ -51,8 +51,14 @@ def test_seven_stage_components_with_typed_artifacts(ir):
     assert _artifact_types(comps["comp-publish"], "input")["model"] == "system.Model"
 
 
-def test_stages_are_wired_in_recipe_order(ir):
-    tasks = ir["root"]["dag"]["tasks"]
+def _by_title(tasks):
+    return {t["taskInfo"]["name"]: name for name, t in tasks.items()}
+
+
+def test_stages_are_wired_in_recipe_order(tmp_path):
+    out = compile_pipeline(load_recipe(ROOT / "recipes" / "smoke.yaml"), tmp_path / "p.yaml")  # per_stage on
+    tasks = next(yaml.safe_load_all(out.read_text()))["root"]["dag"]["tasks"]
+    title = _by_title(tasks)
 
     def producer(task, artifact):
         return tasks[task]["inputs"]["artifacts"][artifact]["taskOutputArtifact"]["producerTask"]
@@ -62,27 +68,43 @@ def test_stages_are_wired_in_recipe_order(ir):
     assert producer("sft", "model") == "midtrain"
     assert producer("dpo", "model") == "sft"
     assert producer("rl", "model") == "dpo"
-    assert producer("evaluate-2", "model") == "rl"
-    assert producer("evaluate", "model") == "prepare-model"
-    # the ablation's middle rows: the model after mid-train, SFT and DPO (each runs only with per_stage)
-    assert [producer(f"evaluate-{i}", "model") for i in (3, 4, 5)] == ["midtrain", "sft", "dpo"]
-    labels = {t: tasks[t]["inputs"]["parameters"]["label"]["runtimeValue"]["constant"]
-              for t in ("evaluate", "evaluate-2", "evaluate-3", "evaluate-4", "evaluate-5")}
-    assert labels == {"evaluate": "base", "evaluate-2": "final", "evaluate-3": "midtrain", "evaluate-4": "sft",
-                      "evaluate-5": "dpo"}
+    evals = {label: title[f"7 evaluate {label}"] for label in ("base", "+mid-train", "+SFT", "+DPO", "final")}
+    assert {label: producer(t, "model") for label, t in evals.items()} == {
+        "base": "prepare-model", "+mid-train": "midtrain", "+SFT": "sft", "+DPO": "dpo", "final": "rl"}
+    labels = {label: tasks[t]["inputs"]["parameters"]["label"]["runtimeValue"]["constant"] for label, t in evals.items()}
+    assert labels == {"base": "base", "+mid-train": "midtrain", "+SFT": "sft", "+DPO": "dpo", "final": "final"}
     assert producer("publish", "model") == "rl"
     assert {a: producer("publish", f"{a}_results") for a in ("base", "midtrain", "sft", "dpo", "final")} == {
-        "base": "evaluate", "midtrain": "evaluate-3", "sft": "evaluate-4", "dpo": "evaluate-5", "final": "evaluate-2"}
+        "base": evals["base"], "midtrain": evals["+mid-train"], "sft": evals["+SFT"], "dpo": evals["+DPO"],
+        "final": evals["final"]}
     assert tasks["publish"]["inputs"]["parameters"]["kfp_run"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
     assert producer("report", "decision") == "publish"
-    assert producer("report", "dpo_results") == "evaluate-5"
+    assert producer("report", "dpo_results") == evals["+DPO"]
+    # the data snapshot is never cached and feeds configure, so every cache key follows the data
+    assert tasks["snapshot-data"].get("cachingOptions", {}).get("enableCache") in (None, False)
+    assert tasks["configure"]["inputs"]["parameters"]["data__snapshot"] == {
+        "taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "snapshot-data"}}
+
+
+def test_structure_fields_decide_the_tasks_not_run_parameters(tmp_path, ir):
+    """A stage or evaluation that is off has no task (no pod); the switches are not run parameters."""
+    from thinkforge.config import STRUCTURE_FIELDS
+
+    assert not set(STRUCTURE_FIELDS) & set(ir["root"]["inputDefinitions"]["parameters"])
+    r = load_recipe(ROOT / "recipes" / "smoke.yaml", {"sft.enabled": False, "evaluate.per_stage": False,
+                                                      "registry.enabled": False})
+    tasks = next(yaml.safe_load_all(compile_pipeline(r, tmp_path / "p.yaml").read_text()))["root"]["dag"]["tasks"]
+    assert "sft" not in tasks and "publish" not in tasks
+    assert tasks["dpo"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "midtrain"
+    assert sorted(_by_title(tasks)[t] for t in ("7 evaluate base", "7 evaluate final")) == ["evaluate", "evaluate-2"]
+    assert tasks["configure"]["inputs"]["parameters"]["sft__enabled"] == {"runtimeValue": {"constant": False}}
 
 
 def test_every_recipe_field_is_a_pipeline_parameter(ir):
     recipe = load_recipe(ROOT / "recipes" / "cpu-demo.yaml")
     params = ir["root"]["inputDefinitions"]["parameters"]
     flat = flatten(recipe)
-    assert set(params) == set(flat)  # every field but the compile-time `cluster` section
+    assert set(params) == set(flat)  # every field but the compile-time `cluster` section and structure fields
     assert params["rl__max_steps"]["defaultValue"] == recipe.rl.max_steps
     assert params["template__think"]["defaultValue"] is False
     assert params["evaluate__benchmarks"]["parameterType"] == "LIST"
@@ -124,8 +146,8 @@ def test_smoke_dag_runs_locally_end_to_end(smoke_run):
     text = report.read_text()
     assert "## Stages" in text and "## By stage (ablation)" in text and "## Registry" in text
     assert "**promoted** to champion: no champion yet" in text
-    for stage in ("generate", "filter-rollouts", "midtrain", "sft", "dpo", "rl", "evaluate", "evaluate-2",
-                  "evaluate-3", "evaluate-4", "evaluate-5", "publish", "report"):
+    for stage in ("snapshot-data", "generate", "filter-rollouts", "midtrain", "sft", "dpo", "rl", "evaluate",
+                  "evaluate-2", "evaluate-3", "evaluate-4", "evaluate-5", "publish", "report"):
         assert any(root.glob(f"*/{stage}")), stage
 
 
@@ -233,7 +255,7 @@ def test_ir_carries_each_stages_cluster_placement(tmp_path):
         assert tasks[task]["retryPolicy"]["maxRetryCount"] == 5
         assert tasks[task]["retryPolicy"]["backoffDuration"] == "120s"
         assert not tasks[task]["cachingOptions"].get("enableCache", False)
-    eval_res = executors["exec-evaluate-2"]["container"]["resources"]
+    eval_res = executors[f"exec-{_by_title(tasks)['7 evaluate final']}"]["container"]["resources"]
     assert eval_res["accelerator"]["resourceCount"] == "1"
     assert "accelerator" not in executors["exec-filter-rollouts"]["container"]["resources"]
     assert executors["exec-filter-rollouts"]["container"]["resources"]["resourceMemoryRequest"] == "64Gi"
