@@ -4,7 +4,10 @@
     python manifests/generate.py --out DIR  # write elsewhere (tests compare that with the repo)
 
 The chart is rendered offline with the Helm library (helm-python-sdk) as release "thinkforge" in
-namespace "kubeflow". Helm-only details are removed (chart labels, hook annotations, checksums);
+namespace "kubeflow", like `helm template`: no cluster to look up, so the base is the chart's defaults
+(no kfp-launcher ConfigMap: KFP owns it; no NetworkPolicy: it needs the cluster's API server address),
+and an overlay that wants Prometheus Operator objects renders with the capability
+monitoring.coreos.com/v1 (`--api-versions`). Helm-only details are removed (chart labels, hook annotations, checksums);
 Secrets are not copied (their values would be random or yours): kustomize builds them from the
 *.env files next to each kustomization instead. An overlay holds the objects its values add, and a
 strategic-merge patch with only the fields its values change.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shutil
 import sys
 import tempfile
@@ -28,15 +32,17 @@ CORE = {"monitoring": {"enabled": False}}  # Prometheus Operator objects go to t
 
 OVERLAYS = {
     "cpu-demo": {
-        "about": "Everything on CPU: the CPU image, a small MinIO, the cpu-demo recipe.",
+        "about": "Everything on CPU (the base already is: CPU image, cpu-demo recipe, 10Gi MinIO), with smaller MinIO requests.",
         "values": {"image": {"flavor": "cpu"}, "minio": {"persistence": {"size": "10Gi"}, "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}}}},
     },
     "gpu": {
-        "about": "GPU node pool: the CUDA image, a vLLM teacher, Prometheus Operator monitors.",
+        "about": "GPU node pool: the phi4-mini-reasoning recipe, so the CUDA image and a 500Gi MinIO; a vLLM teacher; Prometheus Operator monitors.",
         "values": {
+            "pipeline": {"recipeFile": "recipes/phi4-mini-reasoning.yaml"},
             "teacher": {"enabled": True},
             "monitoring": {"enabled": True, "prometheusRule": {"enabled": False}, "grafanaDashboard": {"enabled": False}},
         },
+        "api_versions": ["monitoring.coreos.com/v1"],
         "env": {"thinkforge-teacher": ("teacher.env", "api-key=CHANGE-ME-teacher-api-key\n", "teacher")},
     },
 }
@@ -65,11 +71,21 @@ def _chart_dir(tmp: Path) -> Path:
     return copy_
 
 
-def render(values: dict) -> list[dict]:
+def render(values: dict, api_versions: list[str] = ()) -> list[dict]:
     import helm_python as helm
 
+    opts = {"name": RELEASE, "namespace": NAMESPACE, "is_install": True}
     with tempfile.TemporaryDirectory() as tmp, helm.Chart.load(_chart_dir(Path(tmp))) as chart:
-        out = chart.render(values=deep_merge(CORE, values), name=RELEASE, namespace=NAMESPACE, is_install=True)
+        if api_versions:
+            # Chart.render() (helm-python-sdk 0.2.2) does not pass capabilities; the native render it
+            # wraps takes them as `helm template --api-versions` does.
+            from helm_python import _native
+
+            raw = _native.call_string("helm_render", chart._raw(), json.dumps(deep_merge(CORE, values)),
+                                      json.dumps({**opts, "api_versions": list(api_versions)}))
+            out = json.loads(raw)
+        else:
+            out = chart.render(values=deep_merge(CORE, values), **opts)
     objs = []
     for path, text in sorted(out.items()):
         if path.endswith("NOTES.txt"):
@@ -152,7 +168,7 @@ def kustomization(resources: list[str], env: dict, about: str, patches: list[str
                                                             "app.kubernetes.io/component": comp, "app.kubernetes.io/part-of": "thinkforge"}}}
             for n, (f, _, comp) in env.items()
         ]
-        # the kfp-launcher ConfigMap names the credentials Secret inside a string: keep names stable
+        # the upload Job names the credentials Secret inside a string (--set cluster.s3_secret=...): keep names stable
         k["generatorOptions"] = {"disableNameSuffixHash": True}
     if patches:
         k["patches"] = [{"path": p} for p in patches]
@@ -175,7 +191,7 @@ def generate(out: Path) -> None:
         d = out / "overlays" / name
         d.mkdir(parents=True, exist_ok=True)
         new, patches = [], []
-        for o in render(spec["values"]):
+        for o in render(spec["values"], spec.get("api_versions", ())):
             if key(o) not in by_key:
                 new.append(o)
             elif o != by_key[key(o)]:

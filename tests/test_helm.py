@@ -1,9 +1,15 @@
 """The Helm chart helm/thinkforge, rendered and linted by the real Helm v4 library (helm-python-sdk).
 
-Every scenario (the defaults and each ci/*-values.yaml) is rendered offline, linted, and every object is
+Every scenario (the defaults and each ci/*-values.yaml) is rendered offline, like `helm template` (no
+cluster: `lookup` returns nothing, and the capabilities are Helm's defaults), linted, and every object is
 validated with kubernetes-validate in strict mode (unknown fields rejected) against two Kubernetes
 minor versions. PodMonitor, ServiceMonitor and PrometheusRule are Prometheus Operator CRDs for which
-kubernetes-validate ships no schema: they are skipped there and checked field by field here instead.
+kubernetes-validate ships no schema: they are skipped there and checked field by field here instead;
+the chart renders them only where the cluster serves monitoring.coreos.com/v1, which `render(...,
+api_versions=OPERATOR_API)` passes as `helm template --api-versions` does.
+
+Template logic that consumes `lookup` results (an existing kfp-launcher ConfigMap, the API server's
+Endpoints) cannot meet a cluster here: `probe` renders the chart's helpers on hand-made objects instead.
 
 The chart embeds files/prometheus-rules.yaml and files/grafana-dashboard.json, written by another part
 of the project; when they are absent from the repository the tests copy the chart into a temporary
@@ -31,6 +37,7 @@ CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 SCENARIOS = {"default": {}} | {p.name.removesuffix("-values.yaml"): yaml.safe_load(p.read_text()) or {} for p in CI_FILES}
 K8S_VERSIONS = ("1.32.0", "1.37.0")  # the oldest and newest minors kubernetes-validate ships schemas for
 CRD_KINDS = {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
+OPERATOR_API = ("monitoring.coreos.com/v1",)
 NAMESPACE = "ml-team"
 RELEASE = "tf"
 
@@ -83,9 +90,22 @@ def chart(chart_dir):
         yield c
 
 
-def render(chart, values: dict | None = None, **opts) -> list[dict]:
+def render_raw(chart, values: dict | None = None, api_versions: tuple[str, ...] = ()) -> dict[str, str]:
+    """Render like `helm template [--api-versions ...]`: template path -> text."""
+    opts = {"name": RELEASE, "namespace": NAMESPACE, "is_install": True}
+    if not api_versions:
+        return chart.render(values=values or {}, **opts)
+    # helm-python-sdk 0.2.2's Chart.render() exposes no capability options; the Helm library's render it
+    # wraps takes `api_versions` (Helm's --api-versions), so call that directly.
+    from helm_python import _native
+
+    raw = _native.call_string("helm_render", chart._raw(), json.dumps(values or {}), json.dumps({**opts, "api_versions": list(api_versions)}))
+    return json.loads(raw)
+
+
+def render(chart, values: dict | None = None, api_versions: tuple[str, ...] = ()) -> list[dict]:
     """Render like `helm template`; returns the objects (NOTES.txt and empty documents dropped)."""
-    out = chart.render(values=values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True, **opts)
+    out = render_raw(chart, values, api_versions)
     docs = []
     for path, text in sorted(out.items()):
         if path.endswith("NOTES.txt"):
@@ -97,9 +117,26 @@ def render(chart, values: dict | None = None, **opts) -> list[dict]:
     return docs
 
 
-def notes(chart, values: dict | None = None) -> str:
-    out = chart.render(values=values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+def notes(chart, values: dict | None = None, api_versions: tuple[str, ...] = ()) -> str:
+    out = render_raw(chart, values, api_versions)
     return next(v for k, v in out.items() if k.endswith("NOTES.txt"))
+
+
+@pytest.fixture(scope="module")
+def probe_dir(chart_dir, tmp_path_factory) -> Path:
+    """A copy of the chart with one extra template that renders `.Values.global.probe.template`."""
+    d = tmp_path_factory.mktemp("probe") / "thinkforge"
+    shutil.copytree(chart_dir, d)
+    (d / "templates" / "zz-probe.yaml").write_text('{{- with .Values.global }}{{- with .probe }}{{ tpl .template $ }}{{- end }}{{- end }}\n')
+    return d
+
+
+def probe(probe_dir: Path, template: str, **objects) -> str:
+    """Render `template` (Go template text) inside the chart; `objects` are at .Values.global.probe."""
+    values = {"global": {"probe": {"template": template, **objects}}}
+    with helm.Chart.load(probe_dir) as c:
+        out = c.render(values=values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return next(v for k, v in out.items() if k.endswith("zz-probe.yaml")).strip()
 
 
 def strip(doc: dict) -> dict:
@@ -238,7 +275,8 @@ def test_upload_job_without_schedule(rendered):
     assert args[args.index("--version") + 1] == "0.1.0-r1"
     assert args[args.index("--recipe") + 1] == "/app/recipes/cpu-demo.yaml"
     assert f"storage.endpoint={RELEASE}-thinkforge-minio.{NAMESPACE}.svc:9000" in args
-    assert args[args.index("--image") + 1] == main["upload"]["image"] == "ghcr.io/thinkforge/thinkforge:0.1.0-cuda"
+    # the default recipe is the cpu-demo: the default image is the CPU one
+    assert args[args.index("--image") + 1] == main["upload"]["image"] == "ghcr.io/thinkforge/thinkforge:0.1.0-cpu"
     assert not any(e["name"] == "SCHEDULE_CRON" for e in main["upload"]["env"])
 
 
@@ -272,6 +310,29 @@ def test_multi_user_kfp_passes_the_profile_namespace(chart):
     assert args[args.index("--user-namespace") + 1] == NAMESPACE
 
 
+@pytest.mark.parametrize(
+    "values, account",
+    [({}, "pipeline-runner"), ({"kfp": {"multiUser": True}}, "default-editor"),
+     ({"kfp": {"multiUser": True, "runServiceAccount": "team-runner"}}, "team-runner")],
+)
+def test_run_service_account_follows_multi_user(chart, values, account):
+    """Multi-user Kubeflow runs pipelines as the profile's default-editor; single-user KFP as pipeline-runner."""
+    docs = render(chart, deep_merge(values, {"schedule": {"enabled": True}}))
+    _, _, main = _job_containers(docs)
+    args = main["schedule"]["args"]
+    assert args[args.index("--service-account") + 1] == account
+    (binding,) = of_kind(docs, "RoleBinding")
+    assert {s["name"] for s in binding["subjects"]} == {f"{RELEASE}-thinkforge", account}
+    assert ("--user-namespace" in args) == bool(values.get("kfp", {}).get("multiUser"))
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_upload_job_has_no_istio_sidecar(rendered, scenario):
+    """Profile namespaces inject Istio sidecars; a Job whose sidecar keeps running never completes."""
+    for job in of_kind(rendered[scenario], "Job"):
+        assert job["spec"]["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+
+
 def test_upload_switch(rendered):
     assert not of_kind(rendered["minimal"], "Job")
     assert not [d for d in rendered["minimal"] if d["kind"] in ("Role", "RoleBinding", "ServiceAccount", "NetworkPolicy")]
@@ -289,16 +350,32 @@ def test_upload_switch(rendered):
     ],
 )
 def test_monitoring_switches(chart, values, expected):
-    docs = render(chart, values)
+    docs = render(chart, values, api_versions=OPERATOR_API)
     found = {d["kind"] for d in docs if d["kind"] in CRD_KINDS}
     if any(d["kind"] == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1" for d in docs):
         found.add("grafana")
     assert found == expected
 
 
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_no_monitors_without_the_operator_api(rendered, scenario):
+    """A cluster with KFP and nothing else: no object of a kind it cannot store (the install would fail)."""
+    assert not [d["kind"] for d in rendered[scenario] if d["kind"] in CRD_KINDS]
+    assert not [d for d in rendered[scenario] if d["apiVersion"].startswith("monitoring.coreos.com/")]
+
+
+def test_monitors_where_the_operator_api_is_served(chart):
+    assert {d["kind"] for d in render(chart, api_versions=OPERATOR_API)} >= CRD_KINDS
+    # `helm template` without --api-versions: skipped, and NOTES say why and how to get them
+    assert "monitoring.coreos.com/v1" in notes(chart) and "--api-versions" in notes(chart)
+    assert "--api-versions" not in notes(chart, api_versions=OPERATOR_API)
+    # the Grafana dashboard is a plain ConfigMap (Grafana's sidecar picks it up): kept either way
+    assert [d for d in render(chart) if d["kind"] == "ConfigMap" and "thinkforge.json" in d.get("data", {})]
+
+
 def test_prometheus_operator_objects(chart, chart_dir):
     """The CRD objects kubernetes-validate cannot check, checked by hand."""
-    docs = render(chart, deep_merge(SCENARIOS["teacher-on"], {"monitoring": {"labels": {"release": "kps"}}}))
+    docs = render(chart, deep_merge(SCENARIOS["teacher-on"], {"monitoring": {"labels": {"release": "kps"}}}), api_versions=OPERATOR_API)
     for d in docs:
         if d["kind"] not in CRD_KINDS:
             continue
@@ -338,25 +415,86 @@ def test_prometheus_operator_objects(chart, chart_dir):
 # --- storage and KFP --------------------------------------------------------------------------------
 
 
-def test_kfp_launcher_points_at_minio(rendered):
-    (cm,) = [d for d in rendered["default"] if d["metadata"]["name"] == "kfp-launcher"]
+def _launchers(docs):
+    return [d for d in docs if d["kind"] == "ConfigMap" and (d["metadata"]["name"].startswith("kfp-launcher") or "defaultPipelineRoot" in d.get("data", {}))]
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_kfp_launcher_is_left_to_kfp_by_default(rendered, scenario):
+    """KFP ships kfp-launcher (standalone) or its profile controller owns it (multi-user): no takeover."""
+    manage = SCENARIOS[scenario].get("kfpLauncher", {}).get("manage", False)
+    assert bool(_launchers(rendered[scenario])) == manage
+    if not manage:  # the uploaded pipeline still stores data, checkpoints and the registry in the chart's store
+        for job in of_kind(rendered[scenario], "Job"):
+            args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+            assert any(a.startswith("storage.endpoint=") for a in args)
+
+
+def test_kfp_launcher_has_no_rename_option(chart):
+    """The launcher reads only `kfp-launcher`: a renamed copy would configure nothing."""
+    for values in ({"kfpLauncher": {"name": "kfp-launcher-thinkforge"}}, {"kfpLauncher": {"enabled": True}}):
+        with pytest.raises(helm.HelmError, match="not allowed"):
+            chart.validate_schema(values)
+
+
+def test_kfp_launcher_opt_in_points_at_minio(chart):
+    docs = render(chart, {"kfpLauncher": {"manage": True}})
+    (cm,) = _launchers(docs)
+    assert cm["metadata"]["name"] == "kfp-launcher"
     assert cm["data"]["defaultPipelineRoot"] == "minio://thinkforge/pipelines"
     providers = yaml.safe_load(cm["data"]["providers"])
     default = providers["minio"]["default"]
     assert default["endpoint"] == f"{RELEASE}-thinkforge-minio.{NAMESPACE}.svc:9000" and default["disableSSL"] is True
     ref = default["credentials"]["secretRef"]
-    (secret,) = [s for s in of_kind(rendered["default"], "Secret") if s["metadata"]["name"] == ref["secretName"]]
+    (secret,) = [s for s in of_kind(docs, "Secret") if s["metadata"]["name"] == ref["secretName"]]
     assert {ref["accessKeyKey"], ref["secretKeyKey"]} == set(secret["data"])
     assert default["credentials"]["fromEnv"] is False
-    sts = of_kind(rendered["default"], "StatefulSet")[0]
+    sts = of_kind(docs, "StatefulSet")[0]
     env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["MINIO_ROOT_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": ref["secretName"], "key": "secretkey"}
+
+
+CONFLICT = '{{ include "thinkforge.kfpLauncher.conflict" (dict "ctx" $ "existing" .Values.global.probe.cm) }}'
+PROFILE_LAUNCHER = {  # what KFP's profile controller writes into a profile namespace (no Helm ownership)
+    "apiVersion": "v1", "kind": "ConfigMap",
+    "metadata": {"name": "kfp-launcher", "namespace": NAMESPACE, "labels": {"app": "kfp-launcher"},
+                 "ownerReferences": [{"apiVersion": "metacontroller.k8s.io/v1alpha1", "kind": "CompositeController", "name": "kubeflow-pipelines-profile-controller", "uid": "0"}]},
+    "data": {"defaultPipelineRoot": "minio://mlpipeline/v2/artifacts"},
+}
+
+
+def _owned_by(release: str, namespace: str = NAMESPACE) -> dict:
+    cm = copy.deepcopy(PROFILE_LAUNCHER)
+    cm["metadata"]["annotations"] = {"meta.helm.sh/release-name": release, "meta.helm.sh/release-namespace": namespace}
+    return cm
+
+
+@pytest.mark.parametrize(
+    "existing, conflict",
+    [(None, False), (PROFILE_LAUNCHER, True), (_owned_by("someone-else"), True), (_owned_by(RELEASE, "kubeflow"), True), (_owned_by(RELEASE), False)],
+    ids=["absent", "profile-controller", "other-release", "other-namespace", "this-release"],
+)
+def test_kfp_launcher_opt_in_refuses_a_foreign_one(probe_dir, existing, conflict):
+    """kfpLauncher.manage looks kfp-launcher up; one this release does not own fails the install, saying what to do.
+    (No cluster here: the helper that judges the looked-up object is rendered on hand-made objects.)"""
+    text = probe(probe_dir, CONFLICT, cm=existing or {})
+    if not conflict:
+        assert text == ""
+        return
+    assert text.startswith("kfpLauncher.manage: ConfigMap kfp-launcher already exists in namespace ml-team and is not owned by release tf")
+    assert "Leave kfpLauncher.manage=false" in text and "defaultPipelineRoot" in text and "profile" in text
+
+
+def test_kfp_launcher_check_is_wired_into_validation(chart_dir):
+    """validateValues runs the ownership check on what `lookup` returns (offline: nothing, so it renders)."""
+    helpers = (chart_dir / "templates" / "_helpers.tpl").read_text()
+    assert 'include "thinkforge.kfpLauncher.conflict" (dict "ctx" . "existing" (lookup "v1" "ConfigMap" .Release.Namespace "kfp-launcher"))' in helpers
 
 
 def test_external_s3_replaces_minio(rendered):
     docs = rendered["external-s3"]
     assert not of_kind(docs, "StatefulSet") and not of_kind(docs, "Secret")  # existingSecret: the chart writes none
-    (cm,) = [d for d in docs if d["metadata"]["name"] == "kfp-launcher-thinkforge"]
+    (cm,) = [d for d in docs if d["metadata"]["name"] == "kfp-launcher"]
     assert cm["data"]["defaultPipelineRoot"] == "s3://my-thinkforge-artifacts/pipelines"
     s3 = yaml.safe_load(cm["data"]["providers"])["s3"]["default"]
     assert s3 == {
@@ -511,11 +649,148 @@ def test_network_policy_limits_training_egress(chart, rendered):
     assert not of_kind(render(chart, {"networkPolicy": {"enabled": False}}), "NetworkPolicy")
 
 
+def _egress(docs):
+    (np,) = of_kind(docs, "NetworkPolicy")
+    return np["spec"]["egress"]
+
+
+def _ports(rule):
+    return {p["port"] for p in rule["ports"]}
+
+
+NP_ON = {"networkPolicy": {"enabled": True, "kubeAPIServerCIDRs": ["10.0.0.1/32"]}}
+
+
+def test_network_policy_reaches_kfps_object_store(chart, rendered):
+    """Argo's wait container archives logs, and KFP's launcher moves artifacts, to KFP's own store in KFP's
+    namespace: MinIO pods listen on 9000, SeaweedFS (behind minio-service:9000) on 8333."""
+    kfp_ns = {"kubernetes.io/metadata.name": "kubeflow"}
+    store = [r for r in _egress(rendered["teacher-on"]) if r["to"][0].get("namespaceSelector", {}).get("matchLabels") == kfp_ns and 9000 in _ports(r)]
+    assert len(store) == 1 and _ports(store[0]) == {9000, 8333}
+    assert store[0]["to"] == [{"namespaceSelector": {"matchLabels": kfp_ns}}]
+    # narrowed to the store's pods, or an S3 outside the cluster
+    sel = deep_merge(NP_ON, {"networkPolicy": {"kfpObjectStore": {"podSelector": {"matchLabels": {"app": "seaweedfs"}}, "ports": [8333]}}})
+    (r,) = [r for r in _egress(render(chart, sel)) if _ports(r) == {8333}]
+    assert r["to"] == [{"namespaceSelector": {"matchLabels": kfp_ns}, "podSelector": {"matchLabels": {"app": "seaweedfs"}}}]
+    ext = deep_merge(NP_ON, {"networkPolicy": {"kfpObjectStore": {"cidrs": ["52.92.0.0/17"], "ports": [443]}}})
+    assert [r["to"] for r in _egress(render(chart, ext)) if {"ipBlock": {"cidr": "52.92.0.0/17"}} in r["to"]] == [[{"ipBlock": {"cidr": "52.92.0.0/17"}}]]
+
+
+def test_hugging_face_hub_egress_is_an_explicit_opt_in(chart, rendered):
+    hub = [r for r in _egress(rendered["teacher-on"]) if r["to"] and all("ipBlock" in t for t in r["to"]) and _ports(r) == {443}
+           and r["to"][0]["ipBlock"]["cidr"] != "172.16.0.2/32"]
+    assert hub == [{"to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}, {"ipBlock": {"cidr": "198.51.100.0/24"}}], "ports": [{"protocol": "TCP", "port": 443}]}]
+    # off by default: a builtin-model recipe gets no route out beyond the API server
+    outside = [r for r in _egress(render(chart, NP_ON)) if any("ipBlock" in t for t in r["to"])]
+    assert [[t["ipBlock"]["cidr"] for t in r["to"]] for r in outside] == [["10.0.0.1/32"]]
+    # a recipe that names a hub model with the Hub closed would fail at its first download: refused
+    with pytest.raises(helm.HelmError, match=r"networkPolicy.huggingFaceHub.enabled: recipes/phi4-mini-reasoning.yaml downloads microsoft/Phi-4-mini-instruct"):
+        render(chart, deep_merge(NP_ON, {"pipeline": {"recipeFile": "recipes/phi4-mini-reasoning.yaml"}}))
+    # ... unless the student comes from the object store
+    render(chart, deep_merge(NP_ON, {"pipeline": {"recipeFile": "recipes/phi4-mini-reasoning.yaml", "overrides": ["model.student=minio://thinkforge/models/phi4-mini"]}}))
+    with pytest.raises(helm.HelmError, match=r"networkPolicy.huggingFaceHub.cidrs"):
+        render(chart, deep_merge(NP_ON, {"networkPolicy": {"huggingFaceHub": {"enabled": True}}}))
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_no_egress_to_anywhere(rendered, scenario):
+    assert "0.0.0.0/0" not in json.dumps([d for d in rendered[scenario] if d["kind"] == "NetworkPolicy"])
+
+
+def test_api_server_cidrs_are_required_where_lookup_sees_no_cluster(chart):
+    """`helm template` and GitOps renders cannot look the API server up: no 0.0.0.0/0 fallback, a clear error."""
+    with pytest.raises(helm.HelmError) as err:
+        render(chart, {"networkPolicy": {"enabled": True}})
+    assert "networkPolicy.kubeAPIServerCIDRs: required" in str(err.value) and "1 invalid value(s)" in str(err.value)
+
+
+API_CIDRS = '{{ include "thinkforge.networkPolicy.apiServerCIDRs" (dict "ctx" $ "endpoints" .Values.global.probe.ep) }}'
+ENDPOINTS = {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "kubernetes", "namespace": "default"},
+             "subsets": [{"addresses": [{"ip": "172.18.0.2"}, {"ip": "172.18.0.3"}], "ports": [{"name": "https", "port": 6443}]},
+                         {"addresses": [{"ip": "fd00::2"}]}]}
+
+
+def test_api_server_cidrs_from_the_looked_up_endpoints(probe_dir):
+    """What `lookup "v1" "Endpoints" "default" "kubernetes"` returns at install becomes /32 (/128) CIDRs."""
+    assert json.loads(probe(probe_dir, API_CIDRS, ep=ENDPOINTS)) == ["172.18.0.2/32", "172.18.0.3/32", "fd00::2/128"]
+    assert json.loads(probe(probe_dir, API_CIDRS, ep={})) == []  # offline: nothing, and nothing is made up
+
+
+# --- recipe-aware defaults ----------------------------------------------------------------------------
+
+
+def _job_image(docs):
+    (job,) = of_kind(docs, "Job")
+    return job["spec"]["template"]["spec"]["containers"][0]["image"]
+
+
+def _minio_size(docs):
+    (sts,) = of_kind(docs, "StatefulSet")
+    return sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+
+
+@pytest.mark.parametrize(
+    "pipeline, flavor, size",
+    [({}, "cpu", "10Gi"), ({"recipeFile": "recipes/smoke.yaml"}, "cpu", "1Gi"),
+     ({"recipeFile": "recipes/phi4-mini-reasoning.yaml"}, "cuda", "500Gi"),
+     ({"recipe": {"cluster": {"stages": {"sft": {"gpus": 1}}}}}, "cuda", "50Gi"), ({"recipe": {"sft": {"epochs": 1}}}, "cpu", "50Gi")],
+)
+def test_image_flavor_and_store_size_follow_the_recipe(chart, pipeline, flavor, size):
+    docs = render(chart, {"pipeline": pipeline})
+    assert _job_image(docs) == f"ghcr.io/thinkforge/thinkforge:0.1.0-{flavor}"
+    assert _minio_size(docs) == size
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [({"image": {"flavor": "cuda"}}, "image.flavor: cuda, but recipes/cpu-demo.yaml requests no GPUs"),
+     ({"image": {"flavor": "cpu"}, "pipeline": {"recipeFile": "recipes/phi4-mini-reasoning.yaml"}}, "image.flavor: cpu, but recipes/phi4-mini-reasoning.yaml requests GPUs"),
+     ({"image": {"flavor": "cpu"}, "pipeline": {"recipe": {"cluster": {"defaults": {"gpus": 2}}}}}, "image.flavor: cpu, but the inline pipeline.recipe requests GPUs"),
+     ({"pipeline": {"recipeFile": "recipes/my-own.yaml"}}, "image.flavor: set cpu or cuda; the chart cannot tell whether recipes/my-own.yaml requests GPUs"),
+     ({"pipeline": {"recipeFile": "recipes/phi4-mini-reasoning.yaml"}, "minio": {"persistence": {"size": "50Gi"}}},
+      "minio.persistence.size: 50Gi is too small for recipes/phi4-mini-reasoning.yaml, which needs at least 500Gi"),
+     ({"pipeline": {"recipeFile": "recipes/phi4-mini-reasoning.yaml"}, "minio": {"persistence": {"size": "0.4Ti"}}}, "minio.persistence.size: 0.4Ti is too small"),
+     ({"pipeline": {"recipeFile": "recipes/phi4-mini-reasoning.yaml"}, "teacher": {"enabled": True, "maxModelLen": 32768}},
+      "teacher.maxModelLen: 32768 cannot hold a prompt (teacher.maxPromptTokens 4096) plus generate.max_new_tokens 32768 of recipes/phi4-mini-reasoning.yaml: set it to at least 36864"),
+     ({"pipeline": {"overrides": ["generate.max_new_tokens=40000"]}, "teacher": {"enabled": True}}, "set it to at least 44096")],
+    ids=["cuda-cpu-demo", "cpu-phi4", "cpu-inline-gpu", "unknown-recipe", "phi4-50Gi", "phi4-0.4Ti", "phi4-teacher-32k", "override-tokens"],
+)
+def test_recipe_checks(chart, values, message):
+    chart.validate_schema(values)
+    with pytest.raises(helm.HelmError) as err:
+        render(chart, values)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"image": {"flavor": "cuda"}, "pipeline": {"recipeFile": "recipes/phi4-mini-reasoning.yaml"}, "minio": {"persistence": {"size": "1Ti"}}},
+     {"pipeline": {"recipeFile": "recipes/phi4-mini-reasoning.yaml"}, "minio": {"persistence": {"size": "600G"}}, "teacher": {"enabled": True}},
+     {"image": {"flavor": "cuda", "tag": "custom"}, "pipeline": {"recipeFile": "recipes/my-own.yaml"}},
+     {"pipeline": {"recipeFile": "recipes/phi4-mini-reasoning.yaml"}, "minio": {"enabled": False}, "externalS3": {"endpoint": "s3.example:443", "existingSecret": "s"}}],
+    ids=["phi4-1Ti", "phi4-600G-teacher", "own-recipe-explicit-flavor", "phi4-external-s3"],
+)
+def test_recipe_checks_accept(chart, values):
+    render(chart, values)
+
+
+def test_chart_pods_request_ephemeral_storage(rendered):
+    """Disk the chart's own pods write (emptyDirs) is requested, so the scheduler places them where it fits."""
+    _, init, main = _job_containers(rendered["default"])
+    for c in list(init.values()) + list(main.values()):
+        assert c["resources"]["requests"]["ephemeral-storage"] == "2Gi"
+    (dep,) = of_kind(rendered["teacher-on"], "Deployment")
+    (vllm,) = dep["spec"]["template"]["spec"]["containers"]
+    assert vllm["resources"]["requests"]["ephemeral-storage"] == "100Gi"  # teacher.cacheSize
+
+
 # --- validation ---------------------------------------------------------------------------------------
 
 
 def test_validate_values_lists_every_error(chart):
     bad = {
+        "image": {"flavor": "cuda"},  # the default recipe is the cpu-demo
+        "networkPolicy": {"enabled": True},  # offline: no API server to look up, none given
         "minio": {"enabled": False},  # no endpoint, no credentials, no CIDRs for the policy
         "schedule": {"enabled": True, "cron": "0 3 * * 0"},  # 5 fields
         "upload": {"enabled": False},  # the schedule needs the Job
@@ -537,6 +812,8 @@ def test_validate_values_lists_every_error(chart):
         "teacher.gpus: must be >= 1",
         "secrets.hfToken: set value or existingSecret, not both",
         '"learning_rate=1" is not section.field=value',
+        "image.flavor: cuda, but recipes/cpu-demo.yaml requests no GPUs",
+        "networkPolicy.kubeAPIServerCIDRs: required",
     ]
     for e in expected:
         assert e in msg, f"missing {e!r} in:\n{msg}"

@@ -84,19 +84,30 @@ def test_kustomize_output_validates_strict(built, target):
 def test_base_matches_the_charts_core_objects(built):
     docs = built["base"]
     assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == sorted([
-        ("ConfigMap", "kfp-launcher"), ("Job", "thinkforge-upload"), ("NetworkPolicy", "thinkforge-egress"),
-        ("Role", "thinkforge"), ("RoleBinding", "thinkforge"), ("Secret", "thinkforge-s3"), ("Service", "thinkforge-minio"),
-        ("ServiceAccount", "thinkforge"), ("StatefulSet", "thinkforge-minio"),
+        ("Job", "thinkforge-upload"), ("Role", "thinkforge"), ("RoleBinding", "thinkforge"), ("Secret", "thinkforge-s3"),
+        ("Service", "thinkforge-minio"), ("ServiceAccount", "thinkforge"), ("StatefulSet", "thinkforge-minio"),
     ])
     for d in docs:
         labels = d["metadata"]["labels"]
         assert labels["app.kubernetes.io/part-of"] == "thinkforge" or d["kind"] == "Secret"
         assert not any(k.startswith("helm.sh/") for k in labels) and not any(k.startswith("helm.sh/") for k in d["metadata"].get("annotations", {}))
-    # the launcher config names the generated Secret, whose name carries no hash suffix
-    cm = by(docs, "ConfigMap", "kfp-launcher")[0]
-    ref = yaml.safe_load(cm["data"]["providers"])["minio"]["default"]["credentials"]["secretRef"]
-    secret = by(docs, "Secret", ref["secretName"])[0]
-    assert set(secret["data"]) == {ref["accessKeyKey"], ref["secretKeyKey"]}
+    # the upload Job names the generated Secret (env and the pipeline's cluster.s3_secret), whose name carries no hash suffix
+    job = by(docs, "Job")[0]["spec"]["template"]["spec"]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in job["initContainers"][0]["env"] if "valueFrom" in e}
+    secret = by(docs, "Secret", "thinkforge-s3")[0]
+    assert set(refs) == {"thinkforge-s3"} and set(secret["data"]) == {"accesskey", "secretkey"}
+    assert "cluster.s3_secret=thinkforge-s3" in job["containers"][0]["args"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_nothing_taken_over_nothing_opened(built, target):
+    """KFP owns kfp-launcher (the profile controller in multi-user namespaces); no egress to 0.0.0.0/0."""
+    docs = built[target]
+    assert not [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kfp-launcher"]
+    # the chart's policy needs the cluster's API server CIDRs (no 0.0.0.0/0 fallback): render it from the chart
+    assert not by(docs, "NetworkPolicy")
+    for job in by(docs, "Job"):
+        assert job["spec"]["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -139,6 +150,13 @@ def test_cpu_demo_overlay(built):
 
 def test_gpu_overlay(built):
     docs = built["overlays/gpu"]
+    # the GPU recipe, hence the CUDA image and a store sized for it
+    job = by(docs, "Job")[0]["spec"]["template"]["spec"]
+    assert {c["image"] for c in job["initContainers"] + job["containers"]} == {"ghcr.io/thinkforge/thinkforge:0.1.0-cuda"}
+    job_args = job["containers"][0]["args"]
+    assert job_args[job_args.index("--recipe") + 1] == "/app/recipes/phi4-mini-reasoning.yaml"
+    sts = by(docs, "StatefulSet")[0]
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "500Gi"
     dep = by(docs, "Deployment", "thinkforge-teacher")[0]
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -146,8 +164,8 @@ def test_gpu_overlay(built):
     assert by(docs, "Secret", "thinkforge-teacher") and by(docs, "Service", "thinkforge-teacher")
     args = by(docs, "Job")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "generate.endpoint=http://thinkforge-teacher.kubeflow.svc:8000/v1" in args
-    egress = by(docs, "NetworkPolicy")[0]["spec"]["egress"]
-    assert any(r["to"][0].get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "teacher" for r in egress)
+    assert c["resources"]["requests"]["ephemeral-storage"] == "100Gi"
+    assert any(a == "--max-model-len=36864" for a in c["args"])  # a 4096-token prompt + the recipe's 32768
     monitors = {d["kind"] for d in docs if d["kind"] in CRD_KINDS}
     assert monitors == {"PodMonitor", "ServiceMonitor"}
     for d in docs:

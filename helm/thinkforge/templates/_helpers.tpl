@@ -44,8 +44,89 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- end -}}
 
 {{- define "thinkforge.image" -}}
-{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion .Values.image.flavor) -}}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion (include "thinkforge.image.flavor" .)) -}}
 {{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+
+{{/* image.flavor, or the one the recipe needs: cuda when a stage requests GPUs, else cpu */}}
+{{- define "thinkforge.image.flavor" -}}
+{{- if .Values.image.flavor -}}
+{{- .Values.image.flavor -}}
+{{- else -}}
+{{- ternary "cuda" "cpu" (include "thinkforge.recipe" . | fromJson).gpu -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ---- the recipe: what the chart can know of it at template time ---- */}}
+
+{{/*
+The recipes shipped in the image (recipes/*.yaml), as far as the install checks need them. The chart
+cannot read files inside the image, so this table stands in; tests/test_helm_recipes.py fails when it
+disagrees with the files. gpu: some stage requests GPUs (cluster.defaults/stages.*.gpus > 0);
+student: model.student; maxNewTokens: generate.max_new_tokens; storage: object-store size the recipe
+needs at least (checkpoints with optimizer state, ~12 bytes a parameter, keep_checkpoints=2 per
+training stage, plus rollouts and registry models).
+*/}}
+{{- define "thinkforge.recipes.known" -}}
+recipes/cpu-demo.yaml: {gpu: false, student: "builtin:smollm2-135m-instruct", maxNewTokens: 128, storage: 10Gi}
+recipes/smoke.yaml: {gpu: false, student: "random:llama-tiny", maxNewTokens: 16, storage: 1Gi}
+recipes/phi4-mini-reasoning.yaml: {gpu: true, student: microsoft/Phi-4-mini-instruct, maxNewTokens: 32768, storage: 500Gi}
+{{- end -}}
+
+{{/*
+Facts of the recipe the Job uploads, as JSON: source, known, gpu, student, hubModel, maxNewTokens,
+storage. An inline pipeline.recipe is read directly (unset fields take the recipe defaults); a recipe
+file from the table above; pipeline.overrides of model.student and generate.max_new_tokens apply.
+*/}}
+{{- define "thinkforge.recipe" -}}
+{{- $v := .Values -}}
+{{- $r := dict "source" $v.pipeline.recipeFile "known" false "gpu" false "student" "" "maxNewTokens" 0 "storage" "" -}}
+{{- if and $v.pipeline.recipe (kindIs "map" $v.pipeline.recipe) -}}
+{{- $rec := $v.pipeline.recipe -}}
+{{- $_ := set $r "source" "the inline pipeline.recipe" -}}
+{{- $_ = set $r "known" true -}}
+{{- $cluster := get $rec "cluster" | default dict -}}
+{{- range prepend (values (get $cluster "stages" | default dict)) (get $cluster "defaults" | default dict) -}}
+{{- if and (kindIs "map" .) (gt (int (get . "gpus" | default 0)) 0) -}}
+{{- $_ = set $r "gpu" true -}}
+{{- end -}}
+{{- end -}}
+{{- $_ = set $r "student" (dig "model" "student" "builtin:smollm2-135m-instruct" $rec) -}}
+{{- $_ = set $r "maxNewTokens" (int (dig "generate" "max_new_tokens" 256 $rec)) -}}
+{{- else -}}
+{{- with get (include "thinkforge.recipes.known" . | fromYaml) $v.pipeline.recipeFile -}}
+{{- $r = merge (dict "known" true) . $r -}}
+{{- end -}}
+{{- end -}}
+{{- range $v.pipeline.overrides -}}
+{{- $kv := splitn "=" 2 (toString .) -}}
+{{- if eq $kv._0 "model.student" -}}
+{{- $_ := set $r "student" $kv._1 -}}
+{{- else if eq $kv._0 "generate.max_new_tokens" -}}
+{{- $_ := set $r "maxNewTokens" (int $kv._1) -}}
+{{- end -}}
+{{- end -}}
+{{- /* a hub name, not builtin:/random:, an object-store URI or a local path */ -}}
+{{- $s := toString $r.student -}}
+{{- $_ := set $r "hubModel" (and (ne $s "") (not (regexMatch "^(builtin:|random:|[a-z0-9]+://|/|\\.)" $s))) -}}
+{{- toJson $r -}}
+{{- end -}}
+
+{{/* A Kubernetes quantity (string or number) in GiB, as a float; -1 when it cannot be read. */}}
+{{- define "thinkforge.quantityGi" -}}
+{{- if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) -}}
+{{- divf . 1073741824.0 -}}
+{{- else -}}
+{{- $q := toString . | trim -}}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $q -}}
+{{- $units := dict "" 9.313225746154785e-10 "k" 9.313225746154785e-07 "M" 0.0009313225746154785 "G" 0.9313225746154785 "T" 931.3225746154785 "P" 931322.5746154785 "Ki" 9.5367431640625e-07 "Mi" 0.0009765625 "Gi" 1.0 "Ti" 1024.0 "Pi" 1048576.0 -}}
+{{- $unit := trimPrefix $num $q -}}
+{{- if and $num (hasKey $units $unit) -}}
+{{- mulf (float64 $num) (get $units $unit) -}}
+{{- else -}}
+-1
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "thinkforge.serviceAccount.name" -}}
@@ -94,6 +175,11 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{/* the MinIO volume: minio.persistence.size, else the recipe's estimate, else 50Gi */}}
+{{- define "thinkforge.minio.size" -}}
+{{- .Values.minio.persistence.size | default (include "thinkforge.recipe" . | fromJson).storage | default "50Gi" -}}
+{{- end -}}
+
 {{- define "thinkforge.s3.secure" -}}
 {{- if .Values.minio.enabled -}}false{{- else -}}{{ .Values.externalS3.secure }}{{- end -}}
 {{- end -}}
@@ -120,6 +206,26 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 
 {{- define "thinkforge.kfp.host" -}}
 {{- .Values.kfp.host | default (printf "http://ml-pipeline.%s.svc.cluster.local:8888" .Values.kfp.namespace) -}}
+{{- end -}}
+
+{{/* the service account pipeline runs execute as */}}
+{{- define "thinkforge.kfp.runServiceAccount" -}}
+{{- .Values.kfp.runServiceAccount | default (ternary "default-editor" "pipeline-runner" .Values.kfp.multiUser) -}}
+{{- end -}}
+
+{{/*
+Why this release must not write kfp-launcher, or nothing. `existing` is the ConfigMap looked up in
+the release namespace (empty offline); Helm marks what a release owns with meta.helm.sh/release-*.
+Usage: include "thinkforge.kfpLauncher.conflict" (dict "ctx" $ "existing" $cm)
+*/}}
+{{- define "thinkforge.kfpLauncher.conflict" -}}
+{{- $ctx := .ctx -}}
+{{- with .existing -}}
+{{- $ann := (.metadata | default dict).annotations | default dict -}}
+{{- if not (and (eq (get $ann "meta.helm.sh/release-name") $ctx.Release.Name) (eq (get $ann "meta.helm.sh/release-namespace") $ctx.Release.Namespace)) -}}
+{{- printf "kfpLauncher.manage: ConfigMap kfp-launcher already exists in namespace %s and is not owned by release %s (standalone KFP ships it; in a multi-user profile namespace the profile controller owns it and would undo changes). Leave kfpLauncher.manage=false and keep KFP's pipeline root, or set its defaultPipelineRoot yourself (kubectl -n %s edit configmap kfp-launcher; for profiles, configure the pipelines profile controller); delete it first only if nothing else manages it" $ctx.Release.Namespace $ctx.Release.Name $ctx.Release.Namespace -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "thinkforge.kfpLauncher.pipelineRoot" -}}
@@ -181,6 +287,42 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- if or .Values.secrets.hfToken.value .Values.secrets.hfToken.existingSecret -}}true{{- end -}}
 {{- end -}}
 
+{{/* ---- NetworkPolicy and monitoring ---- */}}
+
+{{/*
+The Kubernetes API server's CIDRs as a JSON list: networkPolicy.kubeAPIServerCIDRs, else the addresses
+of `endpoints` (the default/kubernetes Endpoints), else []. No 0.0.0.0/0 fallback.
+Usage: include "thinkforge.networkPolicy.apiServerCIDRs" (dict "ctx" $ "endpoints" $ep)
+*/}}
+{{- define "thinkforge.networkPolicy.apiServerCIDRs" -}}
+{{- $cidrs := list -}}
+{{- range (.ctx.Values.networkPolicy.kubeAPIServerCIDRs | default list) -}}
+{{- $cidrs = append $cidrs . -}}
+{{- end -}}
+{{- if not $cidrs -}}
+{{- range ((.endpoints | default dict).subsets | default list) -}}
+{{- range (.addresses | default list) -}}
+{{- $cidrs = append $cidrs (printf "%s/%s" .ip (ternary "128" "32" (contains ":" .ip))) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $cidrs -}}
+{{- end -}}
+
+{{/* the same, looking the Endpoints up in the cluster (empty under `helm template`) */}}
+{{- define "thinkforge.networkPolicy.apiServerCIDRs.lookup" -}}
+{{- $ep := dict -}}
+{{- if not .Values.networkPolicy.kubeAPIServerCIDRs -}}
+{{- $ep = lookup "v1" "Endpoints" "default" "kubernetes" -}}
+{{- end -}}
+{{- include "thinkforge.networkPolicy.apiServerCIDRs" (dict "ctx" . "endpoints" $ep) -}}
+{{- end -}}
+
+{{/* true when the cluster serves the Prometheus Operator's API (`helm template`: --api-versions monitoring.coreos.com/v1) */}}
+{{- define "thinkforge.monitoring.operatorAPI" -}}
+{{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" -}}true{{- end -}}
+{{- end -}}
+
 {{/* S3 credentials as env, for thinkforge containers. */}}
 {{- define "thinkforge.s3.env" -}}
 - name: THINKFORGE_S3_ENDPOINT
@@ -211,8 +353,8 @@ fails once with all of them, so a user fixes a values file in one round.
 {{- if not $v.image.repository -}}
 {{- $errors = append $errors "image.repository: must not be empty" -}}
 {{- end -}}
-{{- if not (has $v.image.flavor (list "cpu" "cuda")) -}}
-{{- $errors = append $errors (printf "image.flavor: must be cpu or cuda (got %q)" (toString $v.image.flavor)) -}}
+{{- if not (has $v.image.flavor (list "" "cpu" "cuda")) -}}
+{{- $errors = append $errors (printf "image.flavor: must be cpu, cuda or empty (got %q)" (toString $v.image.flavor)) -}}
 {{- end -}}
 {{- if not $v.minio.enabled -}}
 {{- if not $v.externalS3.endpoint -}}
@@ -279,6 +421,46 @@ fails once with all of them, so a user fixes a values file in one round.
 {{- end -}}
 {{- if and $v.monitoring.enabled $v.monitoring.grafanaDashboard.enabled (not (.Files.Get "files/grafana-dashboard.json")) -}}
 {{- $errors = append $errors "monitoring.grafanaDashboard.enabled: files/grafana-dashboard.json is missing from the chart" -}}
+{{- end -}}
+{{- /* the recipe against the image, the object store and the teacher */ -}}
+{{- $r := include "thinkforge.recipe" . | fromJson -}}
+{{- if not $r.known -}}
+{{- if not $v.image.flavor -}}
+{{- $errors = append $errors (printf "image.flavor: set cpu or cuda; the chart cannot tell whether %s requests GPUs (it knows %s)" $r.source (keys (include "thinkforge.recipes.known" . | fromYaml) | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- else if and (eq $v.image.flavor "cpu") $r.gpu -}}
+{{- $errors = append $errors (printf "image.flavor: cpu, but %s requests GPUs: use cuda (or leave image.flavor empty)" $r.source) -}}
+{{- else if and (eq $v.image.flavor "cuda") (not $r.gpu) -}}
+{{- $errors = append $errors (printf "image.flavor: cuda, but %s requests no GPUs: use cpu (or leave image.flavor empty), or a GPU recipe such as recipes/phi4-mini-reasoning.yaml" $r.source) -}}
+{{- end -}}
+{{- if and $v.minio.enabled $r.storage $v.minio.persistence.size -}}
+{{- $have := include "thinkforge.quantityGi" $v.minio.persistence.size | float64 -}}
+{{- if and (ge $have 0.0) (lt $have (include "thinkforge.quantityGi" $r.storage | float64)) -}}
+{{- $errors = append $errors (printf "minio.persistence.size: %v is too small for %s, which needs at least %s (checkpoints, rollouts, registry); raise it, leave it empty, or use externalS3" $v.minio.persistence.size $r.source $r.storage) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.teacher.enabled $r.maxNewTokens -}}
+{{- $need := add (int $v.teacher.maxPromptTokens) (int $r.maxNewTokens) -}}
+{{- if lt (int $v.teacher.maxModelLen) $need -}}
+{{- $errors = append $errors (printf "teacher.maxModelLen: %d cannot hold a prompt (teacher.maxPromptTokens %d) plus generate.max_new_tokens %d of %s: set it to at least %d" (int $v.teacher.maxModelLen) (int $v.teacher.maxPromptTokens) (int $r.maxNewTokens) $r.source $need) -}}
+{{- end -}}
+{{- end -}}
+{{- /* kfp-launcher belongs to KFP unless this release already owns it */ -}}
+{{- if $v.kfpLauncher.manage -}}
+{{- with include "thinkforge.kfpLauncher.conflict" (dict "ctx" . "existing" (lookup "v1" "ConfigMap" .Release.Namespace "kfp-launcher")) -}}
+{{- $errors = append $errors . -}}
+{{- end -}}
+{{- end -}}
+{{- if $v.networkPolicy.enabled -}}
+{{- if not (include "thinkforge.networkPolicy.apiServerCIDRs.lookup" . | fromJsonArray) -}}
+{{- $errors = append $errors "networkPolicy.kubeAPIServerCIDRs: required: the API server's endpoints could not be looked up (helm template, GitOps, or no right to read endpoints/kubernetes in default); list them (kubectl get endpoints -n default kubernetes -o jsonpath='{.subsets[*].addresses[*].ip}', as a.b.c.d/32), or set networkPolicy.enabled=false" -}}
+{{- end -}}
+{{- if and $v.networkPolicy.huggingFaceHub.enabled (not $v.networkPolicy.huggingFaceHub.cidrs) -}}
+{{- $errors = append $errors "networkPolicy.huggingFaceHub.cidrs: list the CIDRs of huggingface.co and its download CDN (or your proxy's; [0.0.0.0/0] allows any HTTPS) when huggingFaceHub.enabled=true" -}}
+{{- end -}}
+{{- if and $r.hubModel (not $v.networkPolicy.huggingFaceHub.enabled) -}}
+{{- $errors = append $errors (printf "networkPolicy.huggingFaceHub.enabled: %s downloads %s from the Hugging Face Hub, which the policy would block: enable it (with cidrs), or point model.student at an object-store copy (pipeline.overrides: model.student=minio://...)" $r.source $r.student) -}}
+{{- end -}}
 {{- end -}}
 {{- if $errors -}}
 {{- printf "\nthinkforge: %d invalid value(s):\n  - %s" (len $errors) (join "\n  - " $errors) | fail -}}
