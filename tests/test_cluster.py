@@ -103,13 +103,14 @@ class FakeKFP:
         p = p[len(API):]
         if (m, p) == ("GET", "/healthz"):
             return 200, {"commit_sha": "abc123", "tag_name": "2.5.0", "multi_user": False}
-        if (m, p) == ("GET", "/pipelines"):
-            found = self._match(self.pipelines.values(), q)
+        if (m, p) == ("GET", "/pipelines"):  # v2beta1 lists one namespace: shared ("") unless ?namespace=
+            found = [i for i in self._match(self.pipelines.values(), q) if i["namespace"] == q.get("namespace", "")]
             return 200, {"pipelines": found, "total_size": len(found)} if found else {}
         if (m, p) == ("POST", "/pipelines"):
             pid = str(uuid.uuid4())
             self.pipelines[pid] = {"pipeline_id": pid, "display_name": body["display_name"], "name": body["display_name"],
-                                   "description": body.get("description", ""), "created_at": NOW, "namespace": ""}
+                                   "description": body.get("description", ""), "created_at": NOW,
+                                   "namespace": body.get("namespace") or ""}
             return 200, self.pipelines[pid]
         if m == "GET" and p.startswith("/pipelines/") and p.endswith("/versions"):
             pid = p.split("/")[2]
@@ -288,6 +289,18 @@ def test_upload_creates_the_pipeline_then_adds_versions(fake_kfp, package):
     # the same version name again (a retried hook): reused, nothing uploaded
     assert cluster.upload(kc, package, "thinkforge", "0.1.0-r1") == (pid, vid)
     assert len(fake_kfp.calls("POST", "/pipelines/upload_version")) == 2
+
+
+def test_upload_into_a_profile_namespace(fake_kfp, package):
+    """Multi-user KFP: the pipeline belongs to the profile (created and found there), not to the shared
+    list, where kfp.Client.get_pipeline_id looks."""
+    kc = cluster.client(fake_kfp.url, "kubeflow", None, user_namespace="team-a")
+    pid, _ = cluster.upload(kc, package, "thinkforge", "v1", namespace="team-a")
+    (create,) = fake_kfp.calls("POST", "/pipelines")
+    assert create["json"]["namespace"] == "team-a"
+    assert fake_kfp.calls("GET", "/pipelines")[0]["query"]["namespace"] == "team-a"
+    assert cluster.upload(kc, package, "thinkforge", "v2", namespace="team-a")[0] == pid  # found again there
+    assert len(fake_kfp.calls("POST", "/pipelines")) == 1
 
 
 # --- submit ------------------------------------------------------------------------------------------

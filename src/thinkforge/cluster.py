@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from thinkforge.config import ConfigError, apply_overrides, flatten, load_recipe, parse_set_flags, validate
+from thinkforge.config import (STRUCTURE_FIELDS, TASK_SET_FIELDS, ConfigError, apply_overrides, flatten, load_recipe,
+                               parse_set_flags, validate)
 
 if TYPE_CHECKING:  # kfp is heavy; imported where used
     import kfp
@@ -228,16 +229,24 @@ def _eq_filter(value: str, key: str = "display_name") -> str:
     return json.dumps({"predicates": [{"operation": "EQUALS", "key": key, "stringValue": value}]})
 
 
-def upload(kfp_client: kfp.Client, package_path: str | Path, pipeline_name: str, version: str, description: str | None = None) -> tuple[str, str]:
+def upload(kfp_client: kfp.Client, package_path: str | Path, pipeline_name: str, version: str, description: str | None = None,
+           namespace: str | None = None) -> tuple[str, str]:
     """Upload `package_path` as version `version` of pipeline `pipeline_name`; returns (pipeline_id, version_id).
 
-    The pipeline is created when missing. A version name that already exists is reused, not uploaded
-    again, so a retried install hook (or `schedule` after `upload`) is idempotent.
+    The pipeline is created when missing, in `namespace` (multi-user KFP: the profile's own pipelines;
+    None = shared). A version name that already exists is reused, not uploaded again, so a retried
+    install hook (or `schedule` after `upload`) is idempotent.
     """
     package_path = str(package_path)
-    pipeline_id = kfp_client.get_pipeline_id(pipeline_name)
+    # kfp.Client.get_pipeline_id lists shared pipelines only; a namespaced pipeline is found by listing there
+    found_p = kfp_client.list_pipelines(filter=_eq_filter(pipeline_name), page_size=2, namespace=namespace)
+    pipelines = found_p.pipelines or []
+    if len(pipelines) > 1:
+        raise ClusterError(f"more than one pipeline named {pipeline_name!r}" + (f" in {namespace}" if namespace else ""))
+    pipeline_id = pipelines[0].pipeline_id if pipelines else None
     if pipeline_id is None:
-        body = kfp_client.api_models.V2beta1Pipeline(display_name=pipeline_name, description=description)
+        body = kfp_client.api_models.V2beta1Pipeline(display_name=pipeline_name, description=description,
+                                                     namespace=namespace)
         pipeline_id = kfp_client.pipelines.pipeline_service_create_pipeline(pipeline=body).pipeline_id
         log.info("created pipeline %s (%s)", pipeline_name, pipeline_id)
     else:
@@ -428,13 +437,19 @@ def _recipe(args: argparse.Namespace):
     return validate(apply_overrides({}, overrides), origin="--set")
 
 
-def run_params(args: argparse.Namespace, full: bool) -> dict[str, Any]:
+def run_params(args: argparse.Namespace, full: bool, compiled: bool = False) -> dict[str, Any]:
     """Pipeline parameters (`section__field`) for a run: every recipe field when `full` (a recipe given for
     an already compiled pipeline), else only the --set fields; values typed by the config model."""
     flat = flatten(_recipe(args))
+    fixed = [k for k in _overrides(args) if k.replace(".", "__") in STRUCTURE_FIELDS + TASK_SET_FIELDS]
+    if fixed and not compiled:
+        raise ClusterError(f"--set {', '.join(fixed)}: not a run parameter: which stages and evaluations run is "
+                           "fixed when the pipeline is compiled; upload a version with it (thinkforge upload "
+                           f"--recipe R --set {fixed[0]}=... --version NAME) and start the run from that version")
     if full:
         return flat
-    return {key.replace(".", "__"): flat[key.replace(".", "__")] for key in _overrides(args)}
+    return {key.replace(".", "__"): flat[key.replace(".", "__")] for key in _overrides(args)
+            if key not in fixed}  # structure fields went into the package compiled here
 
 
 def _package(args: argparse.Namespace, workdir: str) -> tuple[str, bool]:
@@ -483,13 +498,14 @@ def _run_source(args: argparse.Namespace, workdir: str) -> tuple[str | None, dic
             raise ClusterError("--pipeline-id and --version-id go together")
         return None, run_params(args, full=bool(args.recipe))
     package, compiled = _package(args, workdir)
-    params = run_params(args, full=bool(args.recipe) and not compiled)
+    params = run_params(args, full=bool(args.recipe) and not compiled, compiled=compiled)
     check_params(package, params)
     return package, params
 
 
 def _upload_package(args: argparse.Namespace, kc: kfp.Client, package: str) -> tuple[str, str]:
-    return upload(kc, package, args.pipeline_name, args.version or _content_version(package), args.description)
+    return upload(kc, package, args.pipeline_name, args.version or _content_version(package), args.description,
+                  namespace=args.user_namespace)
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
