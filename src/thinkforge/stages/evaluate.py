@@ -6,11 +6,33 @@ Benchmarks come from the catalog in `thinkforge.evalsets` (answer type and defau
 protocol is the recipe's: temperature, top_p, max new tokens, k and the run seed. Samples go through
 `thinkforge.engines.make_engine` (hf, vllm or an OpenAI-compatible endpoint, so a hosted baseline is
 scored by this same code). `score_records`/`score_benchmark` are also what `thinkforge score` runs.
+
+Durable results. When object storage is configured (`storage.endpoint` or `THINKFORGE_S3_ENDPOINT`),
+each benchmark is stored as soon as it is scored, under
+
+    <storage.prefix>/<run.name>/evaluate/<label>/<benchmark>/result.json       scores, spec, identity
+    <storage.prefix>/<run.name>/evaluate/<label>/<benchmark>/samples-<benchmark>.jsonl
+    <storage.prefix>/<run.name>/evaluate/<label>/<benchmark>/_MANIFEST.json    written last (complete marker)
+
+(:meth:`ObjectStore.upload_dir`). A rerun (a retried KFP task in a fresh pod and work dir) takes every
+complete benchmark whose identity matches from there (sha256-verified; its samples file lands in the
+work dir as if just written) and evaluates only the rest, so its results.json equals an uninterrupted
+run's (all but `seconds`). The identity is the model (sha256 of every file of the model directory, a
+pointer followed; `endpoint_model@endpoint` for engine=openai; the name for a hub id), the protocol
+(:func:`protocol`, the template, dtype/batch size/tensor parallelism, pass_k) and the benchmark (its spec
+and a digest of its problems). Stored results of another model, protocol or problem set are logged and
+ignored, then replaced once the benchmark is evaluated again. No engine is built when every benchmark
+is restored.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -142,15 +164,24 @@ def evaluate(cfg: Recipe, model_path: str | Path, out_dir: str | Path, label: st
     model_name = f"{e.endpoint_model}@{e.endpoint}" if e.engine == "openai" else str(model_path)
     results: dict[str, Any] = {"label": label, "model": model_name, "extraction": e.extraction,
                                "protocol": protocol(cfg), "benchmarks": {}, "benchmark_specs": {}}
+    stored = StoredResults.for_recipe(cfg, model_path, label)
     own_engine = engine is None
-    engine = engine or build_engine(cfg, model_path, m)
     try:
         with Verifier(mode=e.extraction) as verifier:
             for bench in benches:
-                results["benchmarks"][bench.name] = _evaluate_one(cfg, bench, engine, verifier, label, out, m)
+                scores = stored.load(bench, out) if stored is not None else None
+                if scores is None:
+                    if engine is None:  # built only when some benchmark is left to evaluate
+                        engine = build_engine(cfg, model_path, m)
+                    scores = _evaluate_one(cfg, bench, engine, verifier, label, out, m)
+                    if stored is not None:
+                        stored.save(bench, out, scores)
+                else:
+                    _set_accuracy(m, bench.name, scores)
+                results["benchmarks"][bench.name] = scores
                 results["benchmark_specs"][bench.name] = bench.describe()
     finally:
-        if own_engine:
+        if own_engine and engine is not None:
             engine.close()
     results["seconds"] = time.time() - start
     write_json(out / "results.json", results)
@@ -191,9 +222,166 @@ def _evaluate_one(cfg: Recipe, bench: LoadedBenchmark, engine: Any, verifier: Ve
     score_records(samples, mode=e.extraction, verifier=verifier)
     write_jsonl(out / f"samples-{bench.name}.jsonl", samples)
     scores = score_benchmark(samples, [*e.pass_k, k])
-    for key, value in scores.items():
-        if key.startswith(("pass@", "cons@")) and not key.endswith("_se"):
-            m.set("eval_accuracy", value, benchmark=bench.name, metric=key)
+    _set_accuracy(m, bench.name, scores)
     log.info("%s: pass@1 %.1f%% ± %.1f over %d problems", bench.name, 100 * scores["pass@1"],
              100 * scores["pass@1_se"], scores["n_problems"])
     return scores
+
+
+def _set_accuracy(m: StageMetrics, bench: str, scores: dict[str, Any]) -> None:
+    for key, value in scores.items():
+        if key.startswith(("pass@", "cons@")) and not key.endswith("_se"):
+            m.set("eval_accuracy", value, benchmark=bench, metric=key)
+
+
+# ------------------------------------------------------------------------------------ durable results
+
+RESULT_FILE = "result.json"
+STORED_FORMAT = 1
+
+
+def _sha256(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_identity(cfg: Recipe, model_path: str | Path) -> dict[str, Any]:
+    """What the evaluated model is, by content: the sha256 of every file of a local model directory
+    (name and bytes; a skipped stage's pointer followed, hidden files and storage manifests left out),
+    the endpoint model for engine=openai, the name itself for a hub id or a `random:` model."""
+    from thinkforge.models import follow_pointer
+    from thinkforge.storage import MANIFEST
+
+    e = cfg.evaluate
+    if e.engine == "openai":
+        return {"endpoint": e.endpoint, "endpoint_model": e.endpoint_model}
+    path = Path(str(model_path))
+    if path.is_dir():
+        path = follow_pointer(path)
+    if path.is_file():
+        files = [path]
+        base = path.parent
+    elif path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != MANIFEST
+                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
+        base = path
+    else:
+        return {"name": str(model_path)}
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(base).as_posix()}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return {"sha256": h.hexdigest(), "files": len(files)}
+
+
+def benchmark_identity(cfg: Recipe, bench: LoadedBenchmark) -> dict[str, Any]:
+    """The protocol and the problems one benchmark's stored results stand for (the model aside)."""
+    e = cfg.evaluate
+    return {
+        "format": STORED_FORMAT,
+        "protocol": protocol(cfg),
+        "sampling": {"template": cfg.template.model_dump(), "dtype": e.dtype if e.engine != "openai" else "",
+                     "batch_size": e.batch_size if e.engine == "hf" else 0,
+                     "tensor_parallel_size": e.tensor_parallel_size if e.engine == "vllm" else 1},
+        "scoring": {"pass_k": list(e.pass_k)},
+        "benchmark": {**bench.describe(), "problems_sha256": _sha256(bench.problems)},
+    }
+
+
+class StoredResults:
+    """Finished benchmarks of one model label in object storage (see the module docstring)."""
+
+    def __init__(self, cfg: Recipe, store: Any, prefix: str, label: str, model: dict[str, Any]):
+        self.cfg = cfg
+        self.store = store
+        self.prefix = prefix
+        self.label = label
+        self.model = model
+
+    @classmethod
+    def for_recipe(cls, cfg: Recipe, model_path: str | Path, label: str) -> StoredResults | None:
+        """None when no object storage is configured (results stay local, as before)."""
+        from thinkforge.storage import ObjectStore
+
+        store = ObjectStore.from_config_or_none(cfg.storage)
+        if store is None:
+            return None
+        store.ensure_bucket()
+        t0 = time.monotonic()
+        model = model_identity(cfg, model_path)
+        log.info("evaluate %s: model identity %s (%.1fs)", label,
+                 f"sha256 {model['sha256'][:16]} over {model['files']} files" if "sha256" in model else model,
+                 time.monotonic() - t0)
+        return cls(cfg, store, store.run_prefix(cfg.run.name, "evaluate", label), label, model)
+
+    def key(self, bench: LoadedBenchmark) -> str:
+        from thinkforge.storage import safe_key
+
+        return f"{self.prefix}/{safe_key(bench.name)}"
+
+    def identity(self, bench: LoadedBenchmark) -> dict[str, Any]:
+        return {"model": self.model, **benchmark_identity(self.cfg, bench)}
+
+    def load(self, bench: LoadedBenchmark, out: Path) -> dict[str, Any] | None:
+        """The stored scores of `bench` (its samples file copied into `out`), or None when there are none
+        for this model and protocol."""
+        from thinkforge.storage import NotFound, StorageError
+
+        key = self.key(bench)
+        uri = self.store.uri(key)
+        if not self.store.is_complete(key):
+            return None
+        try:
+            stored = self.store.get_json(f"{key}/{RESULT_FILE}")
+        except NotFound:
+            stored = None
+        want = self.identity(bench)
+        have = stored.get("identity") if isinstance(stored, dict) else None
+        if have != want:
+            differs = sorted(k for k in want if not isinstance(have, dict) or have.get(k) != want[k]) or ["format"]
+            log.info("evaluate %s: %s in %s is for another %s; evaluating it again", self.label, bench.name, uri,
+                     "/".join(differs))
+            return None
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".stored-{bench.name}-", dir=out) as tmp:
+            try:
+                got = self.store.download_dir(key, Path(tmp) / "b")
+            except StorageError as e:
+                log.warning("evaluate %s: %s in %s unusable (%s); evaluating it again", self.label, bench.name,
+                            uri, e)
+                return None
+            name = f"samples-{bench.name}.jsonl"
+            verified = json.loads((got / RESULT_FILE).read_text())
+            if verified.get("identity") != want or not (got / name).is_file():
+                log.warning("evaluate %s: %s in %s changed while it was read; evaluating it again", self.label,
+                            bench.name, uri)
+                return None
+            os.replace(got / name, out / name)
+        log.info("evaluate %s: %s already done in %s, skipped (pass@1 %.1f%%)", self.label, bench.name, uri,
+                 100 * verified["scores"].get("pass@1", 0.0))
+        return verified["scores"]
+
+    def save(self, bench: LoadedBenchmark, out: Path, scores: dict[str, Any]) -> None:
+        """Store one finished benchmark (samples, then scores, manifest last). A failed upload is logged;
+        the evaluation itself stands (a retry would evaluate that benchmark again)."""
+        from thinkforge.storage import StorageError
+
+        key = self.key(bench)
+        name = f"samples-{bench.name}.jsonl"
+        with tempfile.TemporaryDirectory(prefix=f".store-{bench.name}-", dir=out) as tmp:
+            try:
+                os.link(out / name, Path(tmp) / name)
+            except OSError:
+                shutil.copyfile(out / name, Path(tmp) / name)
+            (Path(tmp) / RESULT_FILE).write_text(json.dumps(
+                {"identity": self.identity(bench), "label": self.label, "benchmark": bench.name,
+                 "spec": bench.describe(), "scores": scores}, indent=2, ensure_ascii=False, default=str),
+                encoding="utf-8")
+            try:
+                self.store.upload_dir(tmp, key)
+            except StorageError as e:
+                log.error("evaluate %s: storing %s in %s failed (%s); a retry evaluates it again", self.label,
+                          bench.name, self.store.uri(key), e)
+                return
+        log.info("evaluate %s: %s stored in %s", self.label, bench.name, self.store.uri(key))

@@ -14,7 +14,25 @@ engine. When every chunk is done the shards are merged, in source order, into th
 template, data source, seed, chunking); shards written under other settings are discarded with a
 warning instead of being mixed in. `samples_per_prompt` is not part of it: raising it samples only
 the new indices. Shards live beside the output (`<out_path>.shards`) unless `generate.shard_dir`
-points at a persistent place (a PVC), which a retried KFP task needs to resume.
+points at a persistent place (a PVC).
+
+Durable shards. When object storage is configured (`storage.endpoint` or `THINKFORGE_S3_ENDPOINT`),
+every shard is also uploaded as soon as it is written, to
+
+    <storage.prefix>/<run.name>/generate/shards/<digest>/manifest.json            the settings (informative)
+    <storage.prefix>/<run.name>/generate/shards/<digest>/shard-NNNNN/shard-NNNNN.jsonl
+    <storage.prefix>/<run.name>/generate/shards/<digest>/shard-NNNNN/_MANIFEST.json  written last
+
+where `<digest>` hashes the manifest above and the problems to sample (their ids, text and answers),
+so a rerun under the same run name with other settings or other data never picks them up. Each shard
+is one :meth:`ObjectStore.upload_dir` (sha256 manifest last): a shard without its `_MANIFEST.json` is an
+upload a kill interrupted and is never used. On start the stage downloads (sha256-verified) every
+complete remote shard missing from its shard directory, and uploads local shards the store lacks,
+before resuming: a retried KFP task on a fresh disk samples only the chunks no attempt finished, and
+writes the same final file as an uninterrupted run. Remote shards are kept after the merge (a retry
+that comes after the merge but before KFP uploaded the output restores instead of resampling);
+`<prefix>/<run>/generate/` can be deleted once the run is done. A failed upload is logged and tried
+again after the next shard; it never fails the stage (the local shards and the output are unaffected).
 
 Failed samples (an OpenAI-compatible endpoint that kept failing) are written with
 `finish_reason: "error"` and an `error` message; the filter drops them (reason `engine_error`). A rerun
@@ -31,9 +49,11 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -67,6 +87,7 @@ class GenerateResult:
     failed: int = 0  # samples the engine could not produce (finish_reason "error")
     resumed: int = 0  # samples taken from shards of an earlier, interrupted run
     shards: int = 0  # shards written by this run
+    restored: int = 0  # shards downloaded from object storage (written by an earlier attempt)
 
 
 def rollout_record(problem: dict, index: int, completion: str, finish_reason: str, num_tokens: int,
@@ -195,6 +216,106 @@ def note_sample(done: dict[tuple[str, int], dict], failed: dict[tuple[str, int],
         failed[key] = rec
 
 
+class RemoteShards:
+    """The durable copy of one generation's shards in object storage (see the module docstring)."""
+
+    def __init__(self, store: Any, prefix: str):
+        from thinkforge.storage import check_key
+
+        self.store = store
+        self.prefix = check_key(prefix)
+        self.pending: list[Path] = []  # local shards whose upload failed; tried again after the next one
+
+    @classmethod
+    def for_recipe(cls, cfg: Recipe, manifest: dict[str, Any], todo: list[dict]) -> RemoteShards | None:
+        """The remote shard set of these settings and problems, or None when no object storage is configured."""
+        from thinkforge.storage import ObjectStore
+
+        store = ObjectStore.from_config_or_none(cfg.storage)
+        if store is None:
+            return None
+        store.ensure_bucket()
+        problems = hashlib.sha256(json.dumps(todo, sort_keys=True, default=str).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps({"manifest": manifest, "problems": problems}, sort_keys=True,
+                                           default=str).encode()).hexdigest()[:16]
+        self = cls(store, store.run_prefix(cfg.run.name, "generate", "shards", digest))
+        others = [p for p in store.list_prefixes(self.prefix.rsplit("/", 1)[0]) if p != self.prefix]
+        if others:
+            log.info("generate: %d shard set(s) of other settings or data under %s are not used",
+                     len(others), store.uri(self.prefix.rsplit("/", 1)[0]))
+        if not store.exists(f"{self.prefix}/manifest.json"):
+            store.put_json(f"{self.prefix}/manifest.json", {**manifest, "problems_sha256": problems})
+        return self
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri(self.prefix)
+
+    def complete(self) -> list[str]:
+        """Names (``shard-NNNNN``) of the remote shards whose upload finished (manifest present)."""
+        from thinkforge.storage import MANIFEST
+
+        names = set()
+        for key in self.store.list_keys(self.prefix):
+            parts = key[len(self.prefix) + 1:].split("/")
+            if len(parts) == 2 and parts[1] == MANIFEST and _SHARD_RE.match(parts[0] + ".jsonl"):
+                names.add(parts[0])
+        return sorted(names)
+
+    def sync(self, shards: ShardStore) -> int:
+        """Download the complete remote shards the local directory lacks, upload the local ones the store
+        lacks; returns how many were downloaded."""
+        from thinkforge.storage import StorageError
+
+        remote = self.complete()
+        local = {p.name.removesuffix(".jsonl") for p in shards.shard_files()}
+        restored = 0
+        for name in remote:
+            if name in local:
+                continue
+            with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=shards.root) as tmp:
+                try:
+                    got = self.store.download_dir(f"{self.prefix}/{name}", Path(tmp) / name)
+                except StorageError as e:  # a corrupt object: its prompts are sampled again
+                    log.warning("generate: remote shard %s unusable (%s); its prompts are sampled again", name, e)
+                    continue
+                os.replace(got / f"{name}.jsonl", shards.root / f"{name}.jsonl")
+            restored += 1
+        if restored:
+            _fsync_dir(shards.root)
+        for path in shards.shard_files():
+            if path.name.removesuffix(".jsonl") not in remote:
+                self.pending.append(path)
+        self.flush()
+        return restored
+
+    def push(self, path: Path) -> None:
+        """Upload one new local shard (and any earlier one whose upload failed)."""
+        self.pending.append(path)
+        self.flush()
+
+    def flush(self) -> bool:
+        """Upload the pending shards; False (with an error logged) when some could not be uploaded."""
+        from thinkforge.storage import StorageError
+
+        while self.pending:
+            path = self.pending[0]
+            name = path.name.removesuffix(".jsonl")
+            try:
+                with tempfile.TemporaryDirectory(prefix=f".{name}.up.", dir=path.parent) as tmp:
+                    try:
+                        os.link(path, Path(tmp) / path.name)
+                    except OSError:
+                        shutil.copyfile(path, Path(tmp) / path.name)
+                    self.store.upload_dir(tmp, f"{self.prefix}/{name}")
+            except (StorageError, OSError) as e:
+                log.error("generate: upload of %s to %s failed (%s); %d shard(s) only on local disk, tried again "
+                          "after the next shard", path.name, self.uri, e, len(self.pending))
+                return False
+            self.pending.pop(0)
+        return True
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -227,11 +348,21 @@ def generate(cfg: Recipe, out_path: str | Path, teacher_path: str | None = None,
         return range(first, first + g.samples_per_prompt)
 
     root = Path(g.shard_dir) if g.shard_dir else out_path.with_name(out_path.name + ".shards")
-    tokens = sampled = written = 0
+    tokens = sampled = written = restored = 0
     engine = None
-    with ShardStore(root, fingerprint(cfg, teacher)) as store:
+    manifest = fingerprint(cfg, teacher)
+    with ShardStore(root, manifest) as store:
+        remote = RemoteShards.for_recipe(cfg, manifest, todo) if todo else None  # import only: nothing to keep
+        if remote is not None:
+            restored = remote.sync(store)
         done, failed = store.load()
         resumed = sum((p["id"], i) in done for p in todo for i in wanted(p))
+        if remote is not None:
+            chunks = [todo[lo:lo + g.shard_prompts] for lo in range(0, len(todo), g.shard_prompts)]
+            finished = sum(all((p["id"], i) in done for p in c for i in wanted(p)) for c in chunks)
+            log.info("generate: restored %d shard(s) from %s; %d of %d chunks already done (%d of %d samples)",
+                     restored, remote.uri, finished, math.ceil(len(todo) / g.shard_prompts), resumed,
+                     len(todo) * g.samples_per_prompt)
         if resumed:
             log.info("resuming: %d of %d samples already in %s", resumed, len(todo) * g.samples_per_prompt, root)
         bar = progress(len(todo), desc="generate", unit="prompt")
@@ -268,7 +399,9 @@ def generate(cfg: Recipe, out_path: str | Path, teacher_path: str | None = None,
                             text = f"<think>\n{c.reasoning}\n</think>\n\n{c.text}" if c.reasoning else c.text
                             records.append(rollout_record(p, i, text, c.finish_reason, c.num_tokens, label,
                                                           error=c.error))
-                store.add(records)
+                path = store.add(records)
+                if remote is not None:
+                    remote.push(path)
                 written += 1
                 chunk_tokens = sum(r["num_tokens"] for r in records)
                 tokens += chunk_tokens
@@ -285,6 +418,9 @@ def generate(cfg: Recipe, out_path: str | Path, teacher_path: str | None = None,
             if engine is not None:
                 engine.close()
 
+        if remote is not None and not remote.flush():
+            log.error("generate: %d shard(s) could not be uploaded to %s; a retry on a fresh disk samples them "
+                      "again", len(remote.pending), remote.uri)
         records = [rollout_record(p, 0, p["completion"], "stop", 0, "imported") for p in imported]
         n_failed = 0
         for p in todo:
@@ -311,7 +447,7 @@ def generate(cfg: Recipe, out_path: str | Path, teacher_path: str | None = None,
         m.set("generate_output_tokens_per_second", tokens / seconds)
     all_tokens = sum(r["num_tokens"] for r in records)
     return GenerateResult(len(problems), len(records), len(imported), all_tokens, seconds,
-                          failed=n_failed, resumed=resumed, shards=written)
+                          failed=n_failed, resumed=resumed, shards=written, restored=restored)
 
 
 def _make_engine(cfg: Recipe, teacher: Any, metrics: StageMetrics) -> Any:
