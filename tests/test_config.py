@@ -78,3 +78,9 @@ def test_digest_is_stable_and_sensitive():
     assert a.digest() == b.digest()
     b.sft.learning_rate = 3e-5
     assert a.digest() != b.digest()
+
+
+def test_a_benchmark_may_be_given_by_its_catalog_name():
+    r = validate({"evaluate": {"benchmarks": ["math500", {"name": "gsm8k", "limit": 50}]}})
+    assert [(b.name, b.limit) for b in r.evaluate.benchmarks] == [("math500", 0), ("gsm8k", 50)]
+    assert r == validate(r.model_dump())  # and the dump (objects) reads back the same

