@@ -40,7 +40,7 @@ compile: $(BIN)/thinkforge
 	$(BIN)/thinkforge compile --recipe $(RECIPE) --out build/thinkforge-pipeline.yaml
 
 test: $(VENV)/.test-deps
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.test-deps
 	$(BIN)/python benchmarks/run.py

@@ -21,7 +21,7 @@ from typing import Any
 
 from kfp import compiler, dsl
 
-from thinkforge.components.configure import parameter_type
+from thinkforge.components.configure import parameter_type, pipeline_docstring
 from thinkforge.components.stages import build
 from thinkforge.pipelines.placement import place
 from thinkforge.config import STRUCTURE_FIELDS, Recipe, flatten
@@ -93,6 +93,7 @@ def build_pipeline(recipe: Recipe, image: str = ""):
         return_annotation=dsl.Markdown,
     )
     thinkforge.__annotations__ = {**{n: parameter_type(v) for n, v in params.items()}, "return": dsl.Markdown}
+    thinkforge.__doc__ = pipeline_docstring(params, __doc__.split("\n", 1)[0])  # KFP UI: each parameter's help
     return dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n", 1)[0])(thinkforge)
 
 

@@ -60,7 +60,7 @@ def test_bad_override_key():
 
 def test_pipeline_parameters_round_trip_through_kfp_strings():
     recipe = load_recipe(RECIPES[-1])
-    flat = flatten(recipe)
+    flat = flatten(recipe, everything=True)  # what the configure task receives
     assert all("__" in k for k in flat)
     # kfp.local hands parameters collected in a dict back as strings, ints as floats.
     as_kfp = {k: (str(float(v)) if isinstance(v, int) and not isinstance(v, bool) else

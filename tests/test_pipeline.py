@@ -108,6 +108,9 @@ def test_every_recipe_field_is_a_pipeline_parameter(ir):
     assert params["rl__max_steps"]["defaultValue"] == recipe.rl.max_steps
     assert params["template__think"]["defaultValue"] is False
     assert params["evaluate__benchmarks"]["parameterType"] == "LIST"
+    # the KFP UI shows each parameter's help: the config field's description, from the pipeline docstring
+    assert all(p.get("description") for p in params.values())
+    assert params["sft__learning_rate"]["description"].startswith("Peak learning rate")
 
 
 def _run(*args, timeout=900, env=None):

@@ -197,3 +197,27 @@ def test_scheduled_run_sees_new_data(cluster, tmp_path):
     assert third.tasks["generate"].cache_key != first.tasks["generate"].cache_key
     summary = json.loads(read_artifact(cluster, third.tasks["generate"].artifacts["summary"]))
     assert summary["problems"] == 7
+
+
+def keys_under(cluster, prefix: str) -> list[str]:
+    return [o.object_name for o in cluster.s3.list_objects(cluster.data_bucket, prefix=prefix, recursive=True)]
+
+
+def test_killed_training_pod_resumes_from_object_storage(cluster):
+    """SIGKILL the SFT pod once its first checkpoint is complete in the chart's bucket; KFP's retry gets a
+    fresh pod (empty disk), which resumes from that checkpoint instead of step 0."""
+    ir = cluster.compile(["cluster.defaults.retries=1", "cluster.defaults.backoff_s=0", "sft.save_steps=1"])
+    name = run_name()
+
+    def kill(task: str, attempt: int, sandbox: Path) -> bool:
+        return task == "sft" and attempt == 0 and any(
+            k.endswith("/_MANIFEST.json") for k in keys_under(cluster, f"runs/{name}/sft/checkpoints/"))
+
+    result = cluster.runner(ir).run({"run__name": name}, kill=kill, until={"sft"})
+    sft = result.tasks["sft"]
+    assert sft.attempts == 2
+    first, second = (p.read_text() for p in sft.logs)
+    assert "killed (SIGKILL)" in first
+    assert "sft: resuming from s3://" in second and "resuming from" not in first
+    summary = json.loads(read_artifact(cluster, sft.artifacts["summary"]))
+    assert summary["steps"] == 4

@@ -53,10 +53,11 @@ class TemplateConfig(Section):
 class DataConfig(Section):
     train: str = Field("builtin:word-problems?split=train", description="Prompt source for generation/RL.")
     train_limit: int = Field(0, ge=0, description="Use at most this many training problems (0 = all).")
+    snapshot: str = Field("", description="Digest of the training data this run read (object versions or file "
+                          "digests), set by the pipeline's snapshot task; not a run parameter.")
 
 
 class GenerateConfig(Section):
-    enabled: bool = True
     engine: Literal["hf", "vllm", "openai"] = Field(
         "hf", description="Teacher sampler: hf (transformers, CPU or GPU), vllm (GPU) or openai (an OpenAI-compatible endpoint).")
     teacher: str = Field("", description="Teacher model (same forms as model.student); empty = the student.")
@@ -101,7 +102,6 @@ class GenerateConfig(Section):
 
 
 class FilterConfig(Section):
-    enabled: bool = True
     max_completion_tokens: int = Field(0, ge=0, description="Drop rollouts longer than this (0 = no cap).")
     sft_max_examples: int = Field(0, ge=0, description="SFT subset size (0 = all accepted, one per prompt first).")
     sft_per_prompt: int = Field(2, ge=1, description="At most this many accepted rollouts of one prompt in SFT.")
@@ -132,7 +132,8 @@ class FilterConfig(Section):
 class TrainConfig(Section):
     """Fields shared by every training stage."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="Run this stage; off, the next stage takes the previous model. Part "
+                          "of the pipeline's structure: fixed when it is compiled.")
     learning_rate: float = Field(1e-5, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
     epochs: float = Field(1.0, gt=0.0, description="Passes over the stage's data (max_steps > 0 overrides).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1 = by epochs).")
@@ -340,7 +341,7 @@ class MetricsConfig(Section):
     http_port: int = Field(0, ge=0, le=65535, description="Serve /metrics on this port while a stage runs (0 = off).")
 
 
-STAGE_KEYS = ("configure", "prepare", "generate", "filter", "midtrain", "sft", "dpo", "rl", "evaluate", "publish",
+STAGE_KEYS = ("snapshot", "configure", "prepare", "generate", "filter", "midtrain", "sft", "dpo", "rl", "evaluate", "publish",
               "report")
 
 
@@ -427,6 +428,12 @@ class Recipe(Section):
 
 SECTIONS = tuple(Recipe.model_fields)
 COMPILE_TIME_SECTIONS = ("cluster",)  # fixed when the pipeline is compiled, not run-time parameters
+# Fields that decide which tasks the DAG has. KFP cannot hand a model past a skipped task without
+# starting a pod (dsl.OneOf needs a task in a dsl.Else branch), so they are fixed at compile time too:
+# a skipped stage is absent from the compiled DAG and the next stage takes the previous model artifact.
+STRUCTURE_FIELDS = ("midtrain__enabled", "sft__enabled", "dpo__enabled", "rl__enabled", "evaluate__enabled",
+                    "evaluate__per_stage", "evaluate__evaluate_base", "registry__enabled")
+TASK_SET_FIELDS = ("data__snapshot",)  # written by a pipeline task, not by the person starting the run
 
 
 def _model_at(loc: tuple[Any, ...]) -> Any:
@@ -550,14 +557,17 @@ def parse_set_flags(flags: list[str]) -> dict[str, Any]:
 # --- pipeline parameters: one per config field, named section__field ---------------------------
 
 
-def flatten(recipe: Recipe) -> dict[str, Any]:
-    """`{"sft__learning_rate": 1e-05, ...}`: the KFP pipeline parameters of a recipe."""
+def flatten(recipe: Recipe, *, everything: bool = False) -> dict[str, Any]:
+    """`{"sft__learning_rate": 1e-05, ...}`: the KFP run parameters of a recipe (with `everything`,
+    also the structure and task-set fields: every input of the `configure` task)."""
     flat = {}
     for section, body in recipe.model_dump().items():
         if section in COMPILE_TIME_SECTIONS:
             continue
         for field, value in body.items():
-            flat[f"{section}__{field}"] = value
+            name = f"{section}__{field}"
+            if everything or (name not in STRUCTURE_FIELDS and name not in TASK_SET_FIELDS):
+                flat[name] = value
     return flat
 
 

@@ -544,6 +544,22 @@ class ObjectStore:
             self._call("list", p, lambda: [o.object_name for o in self._client.list_objects(self.bucket, p, recursive=True)])
         )
 
+    def describe(self, key: str) -> list[dict[str, Any]]:
+        """``[{key, etag, version_id, size}]`` of the object ``key``, or of every object under ``key/``
+        (sorted); empty when there is neither."""
+        key = check_key(key)
+
+        def row(o: Any) -> dict[str, Any]:
+            return {"key": o.object_name, "etag": o.etag, "version_id": o.version_id or "", "size": o.size}
+
+        try:
+            return [row(self.stat(key))]
+        except NotFound:
+            pass
+        p = key + "/"
+        objs = self._call("list", p, lambda: list(self._client.list_objects(self.bucket, p, recursive=True)))
+        return sorted((row(o) for o in objs), key=lambda r: r["key"])
+
     def list_prefixes(self, prefix: str) -> list[str]:
         """Immediate child prefixes of ``prefix`` (full keys, no trailing ``/``, sorted).
 

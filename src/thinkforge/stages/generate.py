@@ -335,7 +335,7 @@ def generate(cfg: Recipe, out_path: str | Path, teacher_path: str | None = None,
     g = cfg.generate
     start = time.time()
     out_path = Path(out_path)
-    problems = load_problems(cfg.data.train, limit=cfg.data.train_limit)
+    problems = load_problems(cfg.data.train, limit=cfg.data.train_limit, storage=cfg.storage)
     imported = [p for p in problems if "completion" in p]
     todo = [p for p in problems if "completion" not in p or g.sample_imported]
     teacher = teacher_path or g.teacher or cfg.model.student
