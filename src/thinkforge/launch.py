@@ -5,7 +5,8 @@ multi-node Kubeflow Trainer job.
 ``fn(cfg, model_path, data_path, out_path, metrics=None) -> TrainResult``, so a component calls it
 exactly like the plain stage function:
 
-- ``nodes > 1``: submit the stage as a TrainJob/PyTorchJob (:mod:`thinkforge.trainjob`) and follow it;
+- ``nodes > 1``: submit the stage as a TrainJob/PyTorchJob (:mod:`thinkforge.trainjob`) and follow it
+  (imports point one way: this module imports ``trainjob``; both share :mod:`thinkforge.distributed`);
 - ``num_processes > 1`` (or a DeepSpeed config on a GPU): re-execute this module under
   ``accelerate launch --num_processes N [--use_deepspeed --deepspeed_config_file F]``; the worker
   processes run the plain stage function (the Trainer picks up the distributed environment), rank 0
@@ -26,7 +27,6 @@ beside the source tree, in ``$THINKFORGE_RECIPES`` and in ``./recipes`` (the ima
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -38,12 +38,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from thinkforge.config import Recipe, TrainConfig, load_recipe, validate
+from thinkforge.distributed import DEEPSPEED_NAMES, STAGES, result_from_json, result_to_json
 from thinkforge.stages.train import ENV_DEEPSPEED_CONFIG, ENV_LAUNCHED, TrainResult
 
 log = logging.getLogger("thinkforge.launch")
-
-STAGES = ("midtrain", "sft", "dpo", "rl")
-DEEPSPEED_NAMES = ("zero2", "zero3")
 
 
 class LaunchError(RuntimeError):
@@ -125,14 +123,6 @@ def accelerate_command(stage: str, t: TrainConfig, args: list[str], *, port: int
         cmd += ["--cpu"]
     cmd += ["-m", "thinkforge.launch", stage, "--worker", *args]
     return cmd, env
-
-
-def result_to_json(result: TrainResult) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(result), default=str))
-
-
-def result_from_json(data: dict[str, Any]) -> TrainResult:
-    return TrainResult(**data)
 
 
 def launched(stage: str) -> Callable[..., TrainResult]:
