@@ -20,8 +20,15 @@ SECRET_ENV = (
 )
 
 
-def place(task, stage: str, cluster: ClusterConfig):
+def place(task, stage: str, cluster: ClusterConfig, *, launcher_only: bool = False):
+    """`launcher_only`: the task only submits and follows a multi-node Trainer job, whose pods get the
+    stage's GPUs and pool; the task itself runs with the defaults' placement and no GPU, so it does
+    not hold a GPU node idle while the job trains."""
     p = cluster.placement(stage)
+    if launcher_only:
+        keep = {k: getattr(p, k) for k in ("timeout_s", "retries", "backoff_s", "backoff_factor", "backoff_max_s",
+                                           "cache")}
+        p = cluster.defaults.model_copy(update={"gpus": 0, "accelerator": "", **keep})
     kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", PART_OF)
     kubernetes.add_pod_label(task, "app.kubernetes.io/component", stage)
     if p.gpus:

@@ -39,13 +39,19 @@ def build_pipeline(recipe: Recipe, image: str = ""):
     and the next stage takes the previous stage's model artifact."""
     params = flatten(recipe)  # the run parameters
     inputs = flatten(recipe, everything=True)  # what `configure` takes: the run parameters and fixed fields
-    fixed = {k: v for k, v in inputs.items() if k in STRUCTURE_FIELDS}
+    # Constants of the compiled DAG: the structure fields and the cluster section (a multi-node stage
+    # submits its Trainer job from it: image, Secrets, placement), with an image given here recorded.
+    fixed = {k: v for k, v in inputs.items() if k in STRUCTURE_FIELDS or k not in params and k.startswith("cluster__")}
+    if image:
+        fixed["cluster__image"] = image
     c = build(image or recipe.cluster.image or DEFAULT_IMAGE, inputs)
     on = {s: getattr(recipe, s).enabled for s in TRAIN_STAGES}
     ev = recipe.evaluate
 
     def task(component, stage: str, name: str, **kwargs):
-        return place(component(**kwargs), stage, recipe.cluster).set_display_name(name)
+        # a multi-node stage's task only launches its Trainer job (nodes is fixed here, like placement)
+        launcher = stage in TRAIN_STAGES and getattr(recipe, stage).nodes > 1
+        return place(component(**kwargs), stage, recipe.cluster, launcher_only=launcher).set_display_name(name)
 
     def thinkforge(*args: Any, **kwargs: Any):
         run = {**dict(zip(params, args)), **kwargs}  # KFP passes the parameters positionally

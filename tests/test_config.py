@@ -1,5 +1,6 @@
 """The one config model: presets load, overrides apply, bad recipes fail with the field named."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,13 @@ def test_a_benchmark_may_be_given_by_its_catalog_name():
     r = validate({"evaluate": {"benchmarks": ["math500", {"name": "gsm8k", "limit": 50}]}})
     assert [(b.name, b.limit) for b in r.evaluate.benchmarks] == [("math500", 0), ("gsm8k", 50)]
     assert r == validate(r.model_dump())  # and the dump (objects) reads back the same
+
+
+def test_a_dumped_config_keeps_each_stages_placement():
+    """The pipeline's config artifact is a dump read back by every pod: a stage's placement must still
+    take the fields it does not set from cluster.defaults (a multi-node stage builds its job from it)."""
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "phi4-mini-reasoning.yaml")
+    again = validate(json.loads(json.dumps(recipe.model_dump())))
+    for stage in ("generate", "sft", "rl", "report"):
+        assert again.cluster.placement(stage) == recipe.cluster.placement(stage), stage
+    assert again.digest() == recipe.digest()

@@ -278,3 +278,16 @@ def test_cluster_section_is_compile_time_only():
     assert not any(k.startswith("cluster__") for k in flatten(recipe))
     assert recipe.cluster.placement("sft").gpus == 8 and recipe.cluster.placement("report").gpus == 0
     assert recipe.cluster.placement("generate").retries == 2  # defaults under the stage's own fields
+
+
+def test_a_multi_node_stage_task_holds_no_gpu(tmp_path):
+    """With nodes > 1 the task only launches the Trainer job, whose pods get the stage's GPUs."""
+    r = load_recipe(ROOT / "recipes" / "phi4-mini-reasoning.yaml", {"sft.nodes": 2})
+    pipeline, platform = yaml.safe_load_all(compile_pipeline(r, tmp_path / "p.yaml").read_text())
+    res = pipeline["deploymentSpec"]["executors"]["exec-sft"]["container"].get("resources", {})
+    assert "accelerator" not in res
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-sft"]
+    assert "nvidia.com/gpu.product" not in k8s.get("nodeSelector", {}).get("labels", {})
+    assert pipeline["root"]["dag"]["tasks"]["sft"]["retryPolicy"]["maxRetryCount"] == 5  # the stage's own retries
+    dpo = pipeline["deploymentSpec"]["executors"]["exec-dpo"]["container"]["resources"]
+    assert dpo["accelerator"]["resourceCount"] == "8"  # one-node stages keep their GPUs

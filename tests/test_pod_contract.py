@@ -132,6 +132,12 @@ def test_smoke_dag_runs_as_isolated_pods(cluster):
         assert LEAK not in t.env and "THINKFORGE_S3_ENDPOINT" not in t.env, name
         # what the platform config gives every pod: the chart's S3 Secret as env
         assert t.env.get("THINKFORGE_S3_ACCESS_KEY"), name
+    # the config artifact every pod reads carries the compile-time cluster section (a multi-node stage
+    # builds its Trainer job from it) and the snapshot digest of the data
+    cfg = json.loads(read_artifact(cluster, result.tasks["configure"].artifacts["config"]))
+    s3_secret = next(s.split("=", 1)[1] for s in upload_sets(render_chart()) if s.startswith("cluster.s3_secret="))
+    assert cfg["cluster"]["s3_secret"] == s3_secret and s3_secret in cluster.secrets
+    assert cfg["cluster"]["image"] == "thinkforge:test" and cfg["data"]["snapshot"]
     # every output artifact lives under KFP's pipeline root, in KFP's object store
     assert all(a.uri.startswith(cluster.root) for t in result.tasks.values() for a in t.artifacts.values())
 
@@ -203,21 +209,42 @@ def keys_under(cluster, prefix: str) -> list[str]:
     return [o.object_name for o in cluster.s3.list_objects(cluster.data_bucket, prefix=prefix, recursive=True)]
 
 
-def test_killed_training_pod_resumes_from_object_storage(cluster):
-    """SIGKILL the SFT pod once its first checkpoint is complete in the chart's bucket; KFP's retry gets a
-    fresh pod (empty disk), which resumes from that checkpoint instead of step 0."""
-    ir = cluster.compile(["cluster.defaults.retries=1", "cluster.defaults.backoff_s=0", "sft.save_steps=1"])
+def test_killed_pods_resume_from_object_storage(cluster):
+    """Preempt three pods mid-way (SIGKILL) and let KFP's retry start fresh ones with empty disks:
+    generation keeps its finished shards, SFT resumes from its last complete checkpoint instead of step 0,
+    and the final evaluation does not redo the benchmark it had finished. All of it comes back from the
+    chart's bucket, the only thing a retried pod shares with the one it replaces."""
+    # small shards, a checkpoint every step and two benchmarks: each pod has work left when it is killed
+    ir = cluster.compile(["cluster.defaults.retries=1", "cluster.defaults.backoff_s=0", "sft.save_steps=1",
+                          "sft.max_steps=8", "generate.shard_prompts=2", "generate.max_new_tokens=48",
+                          "evaluate.per_stage=false"])
     name = run_name()
+    benches = [{"name": "wp-a", "source": "builtin:word-problems?split=test", "limit": 8},
+               {"name": "wp-b", "source": "builtin:word-problems?split=test&seed=1", "limit": 8}]
+    done_marker = {"generate": f"runs/{name}/generate/shards/", "sft": f"runs/{name}/sft/checkpoints/",
+                   "final": f"runs/{name}/evaluate/final/wp-a/"}
+    title = {t["taskInfo"]["name"]: n for n, t in next(yaml.safe_load_all(ir.read_text()))["root"]["dag"]["tasks"].items()}
+    victims = {"generate": "generate", "sft": "sft", title["7 evaluate final"]: "final"}
 
     def kill(task: str, attempt: int, sandbox: Path) -> bool:
-        return task == "sft" and attempt == 0 and any(
-            k.endswith("/_MANIFEST.json") for k in keys_under(cluster, f"runs/{name}/sft/checkpoints/"))
+        return task in victims and attempt == 0 and any(
+            k.endswith("/_MANIFEST.json") for k in keys_under(cluster, done_marker[victims[task]]))
 
-    result = cluster.runner(ir).run({"run__name": name}, kill=kill, until={"sft"})
-    sft = result.tasks["sft"]
-    assert sft.attempts == 2
-    first, second = (p.read_text() for p in sft.logs)
-    assert "killed (SIGKILL)" in first
-    assert "sft: resuming from s3://" in second and "resuming from" not in first
-    summary = json.loads(read_artifact(cluster, sft.artifacts["summary"]))
-    assert summary["steps"] == 4
+    result = cluster.runner(ir).run({"run__name": name, "evaluate__benchmarks": benches}, kill=kill)
+    logs = {}
+    for task in victims:
+        t = result.tasks[task]
+        assert t.attempts == 2, task
+        first, second = (p.read_text() for p in t.logs)
+        assert "killed (SIGKILL)" in first, task
+        logs[victims[task]] = (first, second)
+    assert "generate: restored" in logs["generate"][1] and "generate: restored" not in logs["generate"][0]
+    assert "sft: resuming from s3://" in logs["sft"][1] and "resuming from" not in logs["sft"][0]
+    assert "wp-a already done" in logs["final"][1] and "wp-b already done" not in logs["final"][1]
+    gen = json.loads(read_artifact(cluster, result.tasks["generate"].artifacts["summary"]))
+    assert gen["restored"] >= 1
+    sft = json.loads(read_artifact(cluster, result.tasks["sft"].artifacts["summary"]))
+    assert sft["steps"] == 8
+    final = json.loads(read_artifact(cluster, result.tasks[title["7 evaluate final"]].artifacts["results"]))
+    assert set(final["benchmarks"]) == {"wp-a", "wp-b"}
+    assert "## Registry" in read_artifact(cluster, result.tasks["report"].artifacts["report_md"]).decode()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -127,6 +127,14 @@ class FilterConfig(Section):
         0.5, ge=0.0, le=1.0, description="Drop completions whose share of repeated n-grams (whole text or last "
         "256 words) reaches this (1 = off)."
     )
+    rl_keep_unsolved: bool = Field(
+        False, description="Keep problems the teacher solved 0 of k times in the RL pool (often a wrong "
+        "reference: every rollout scores -1); off, they stay out."
+    )
+    rl_keep_unverifiable_gold: bool = Field(
+        False, description="Keep problems whose reference answer does not parse in the RL pool (their reward is "
+        "always -1); off, they stay out."
+    )
 
 
 class TrainConfig(Section):
@@ -213,6 +221,45 @@ class RLConfig(TrainConfig):
     prompt_max_pass_rate: float = Field(1.0, ge=0.0, le=1.0, description="... and <= this.")
     use_vllm: bool = Field(False, description="vLLM rollouts (TRL colocate mode, GPU).")
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="GPU share vLLM may take (colocate).")
+    vllm_max_model_length: int = Field(
+        0, ge=0, description="Context window (prompt + completion tokens) of the colocated vLLM engine; its KV cache "
+        "must hold one sequence this long inside vllm_gpu_memory_utilization. 0 = the longest RL prompt plus "
+        "max_completion_tokens (never the model's full context, 131K for Phi-4-mini).",
+    )
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = Field(
+        "dapo", description="GRPO loss aggregation (TRL's loss_type). dapo (TRL's default): token-level, normalized "
+        "by the active tokens of the global batch; grpo: mean per sequence, then over sequences (the original "
+        "GRPO, biased by length); dr_grpo: by a constant (max_completion_tokens); bnpo: token-level per local batch; "
+        "cispo, sapo, luspo, vespo: see TRL.",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Advantage scaling (TRL's scale_rewards): group = by each group's reward std (GRPO, "
+        "TRL's default), batch = by the batch's std, none = not scaled (Dr. GRPO).",
+    )
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range: ratios below 1 - epsilon are clipped (TRL's default 0.2).")
+    epsilon_high: float = Field(
+        0.0, ge=0.0, description="Upper clip range: ratios above 1 + epsilon_high are clipped (DAPO's clip-higher "
+        "uses 0.28); 0 = epsilon (symmetric, TRL's default).",
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="Leave rollouts cut at max_completion_tokens out of the loss (DAPO's overlong filtering). "
+        "Off (TRL's default): a truncated rollout has no final answer and trains with reward -1.",
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="Level of the policy ratio pi/pi_old: token (GRPO, TRL's default) or sequence (GSPO).",
+    )
+    vllm_importance_sampling_correction: bool = Field(
+        True, description="Reweight rollouts by exp(log p_train - log p_vLLM) to correct for the numerical mismatch "
+        "between vLLM's sampler and the trainer (TRL's default on; use_vllm only). Annealing moves the trainer's "
+        "log-prob temperature with the sampling temperature, so the weights measure that mismatch only.",
+    )
+    vllm_importance_sampling_mode: Literal["sequence_mask", "sequence_truncate", "token_mask", "token_truncate"] = Field(
+        "sequence_mask", description="How the weights apply (TRL's default sequence_mask): sequence_* = one weight "
+        "per rollout (the product over its tokens), token_* = one per token; *_truncate clips the weight to "
+        "[clip_min, clip_max], *_mask drops what lies outside.",
+    )
+    vllm_importance_sampling_clip_max: float = Field(3.0, gt=0.0, description="Upper bound of the importance weights (TRL's default 3.0).")
+    vllm_importance_sampling_clip_min: float = Field(0.0, ge=0.0, description="Lower bound of the importance weights; 0 = none (TRL's default).")
     prompt_optimization: bool = Field(
         False, description="Before RL, sample each candidate prompt with the current model and keep those whose pass "
         "rate lies in the band and whose response lengths are uniform.",
@@ -222,7 +269,10 @@ class RLConfig(TrainConfig):
     prompt_opt_max_length_cv: float = Field(
         0.5, gt=0.0, description="Keep prompts whose response-length coefficient of variation is at most this.",
     )
-    prompt_opt_max_candidates: int = Field(0, ge=0, description="Sample at most this many candidates (0 = all).")
+    prompt_opt_max_candidates: int = Field(
+        0, ge=0, description="Sample at most this many candidates, a random subset seeded by run.seed (the same on "
+        "every rank; 0 = all).",
+    )
     reward_rebalancing: bool = Field(
         False, description="Oversample hard prompts, keep all positives and as many negatives, drop easy and "
         "zero-spread groups (masked from the loss).",
@@ -240,6 +290,15 @@ class RLConfig(TrainConfig):
     def _band(self) -> RLConfig:
         if self.prompt_min_pass_rate > self.prompt_max_pass_rate:
             raise ValueError("prompt_min_pass_rate must not exceed prompt_max_pass_rate")
+        if self.vllm_max_model_length and self.vllm_max_model_length <= self.max_completion_tokens:
+            raise ValueError(f"vllm_max_model_length ({self.vllm_max_model_length}) must exceed max_completion_tokens "
+                             f"({self.max_completion_tokens}): the window holds the prompt and the completion")
+        if self.vllm_importance_sampling_clip_min >= self.vllm_importance_sampling_clip_max:
+            raise ValueError("vllm_importance_sampling_clip_min must be below vllm_importance_sampling_clip_max")
+        if (self.loss_type == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction
+                and not self.vllm_importance_sampling_mode.startswith("token_")):
+            raise ValueError("loss_type vespo with use_vllm needs a token-level vllm_importance_sampling_mode "
+                             "(token_truncate or token_mask)")
         return self
 
 
@@ -392,6 +451,12 @@ class ClusterConfig(Section):
         if bad:
             raise ValueError(f"stages: unknown stage(s) {bad}; expected some of {list(STAGE_KEYS)}")
         return self
+
+    @field_serializer("stages")
+    def _stages_as_set(self, stages: dict[str, Placement]) -> dict[str, Any]:
+        # Only the fields a stage sets, so a dumped and re-read config (the pipeline's config artifact)
+        # still takes the rest from `defaults`.
+        return {k: v.model_dump(exclude_unset=True) for k, v in stages.items()}
 
     def placement(self, stage: str) -> Placement:
         """The stage's placement: the defaults with the stage's own fields laid over them."""
@@ -559,10 +624,11 @@ def parse_set_flags(flags: list[str]) -> dict[str, Any]:
 
 def flatten(recipe: Recipe, *, everything: bool = False) -> dict[str, Any]:
     """`{"sft__learning_rate": 1e-05, ...}`: the KFP run parameters of a recipe (with `everything`,
-    also the structure and task-set fields: every input of the `configure` task)."""
+    also the compile-time, structure and task-set fields: every input of the `configure` task, which
+    the pipeline passes as constants, so the config artifact a pod reads is the whole recipe)."""
     flat = {}
     for section, body in recipe.model_dump().items():
-        if section in COMPILE_TIME_SECTIONS:
+        if section in COMPILE_TIME_SECTIONS and not everything:
             continue
         for field, value in body.items():
             name = f"{section}__{field}"
