@@ -7,7 +7,10 @@
   ``prompt_opt_samples`` times with the current model (the HF engine), over ``prompt_opt_rounds``
   rounds (each round re-samples the survivors and pools the samples), and keep the prompts whose
   measured pass rate lies in the band and whose response lengths are uniform (coefficient of
-  variation <= ``prompt_opt_max_length_cv``); the kept prompts carry the measured statistics
+  variation <= ``prompt_opt_max_length_cv``); the kept prompts carry the measured statistics. The
+  candidates (all, or a subset seeded by ``run.seed``) are the same on every rank; under N processes
+  each rank samples every N-th candidate and the verdicts are all-gathered, so every rank trains on
+  the same prompt set, in the same order, whatever its own sampler did
 - reward rebalancing (``rl.reward_rebalancing``), inspired by DAPO: hard prompts (pass rate <=
   ``hard_pass_rate``) appear ``hard_oversample`` times per epoch; in each generation batch a group
   (the rollouts of one prompt) is dropped when its accuracy is above ``max_group_accuracy`` or its
@@ -17,15 +20,26 @@
   out of the loss and a zero advantage; advantages are re-normalized over the kept rollouts
 - temperature annealing: the rollout temperature decays linearly from temperature_start to
   temperature_end over the first ``anneal_fraction`` of the steps, then holds; it is set on the
-  trainer before each step where TRL samples with it (the HF generation config, or vLLM)
+  trainer before each step where TRL samples with it (the HF generation config, or vLLM) **and**
+  where TRL computes the training log-probabilities: TRL binds the temperature of its fused LM head
+  (``trl.trainer.utils.add_fused_lm_head``) when the trainer is built, so the policy, old-policy and
+  reference log-probs would stay at ``temperature_start`` while vLLM samples at the annealed one.
+  vLLM's importance-sampling correction then weights a rollout by exp(sum over its tokens of
+  log p(T_start) - log p(T)), which drifts from 1 over thousands of tokens (towards 0: a silenced
+  rollout). The trainer moves that bound temperature every step (TRL's fused head on a GPU, the plain
+  head of ``thinkforge.stages.lm_head`` on a CPU); where it finds none (a TRL whose head works
+  otherwise), it turns the correction off while annealing and logs a warning
 - logged each step (and exported through thinkforge.metrics.LOG_KEYS): reward mean/std
   (``reward``, ``reward_std``), the share of zero-spread groups (``frac_reward_zero_std``, with the
   epsilon above), completion length, KL (when ``beta`` > 0: TRL computes it against a reference
   model only then), and the temperature used (``temperature``)
-- rollouts: HF ``generate`` on CPU; vLLM in TRL's colocate mode on a GPU with ``rl.use_vllm``
-
-TRL computes the training log-probabilities at the temperature it was built with
-(``temperature_start``); annealing changes the sampling temperature only.
+- rollouts: HF ``generate`` on CPU; vLLM in TRL's colocate mode on a GPU with ``rl.use_vllm``, with a
+  context window of ``vllm_max_model_length`` (0: the longest RL prompt + ``max_completion_tokens``;
+  vLLM's default, the model's full context, leaves no KV cache beside the trainer)
+- GRPO knobs, passed to TRL's GRPOConfig under the same names: ``loss_type`` (dapo), ``scale_rewards``
+  (group), ``epsilon`` (0.2) / ``epsilon_high`` (0 = epsilon), ``mask_truncated_completions`` (off),
+  ``importance_sampling_level`` (token) and, with vLLM, ``vllm_importance_sampling_correction`` (on),
+  ``_mode`` (sequence_mask), ``_clip_max`` (3.0), ``_clip_min`` (0 = none): TRL 1.16's defaults
 """
 
 from __future__ import annotations
@@ -94,17 +108,61 @@ def _temperature_callback(rl: RLConfig):
 
         def on_step_begin(self, args, state, control, **kwargs):
             temp = annealed_temperature(state.global_step, state.max_steps, rl)
-            tr = self.trainer
-            tr.temperature = temp
-            if getattr(tr, "generation_config", None) is not None:
-                tr.generation_config.temperature = temp
-            if isinstance(getattr(tr, "generation_kwargs", None), dict):
-                tr.generation_kwargs["temperature"] = temp
-            if getattr(tr, "vllm_generation", None) is not None:
-                tr.vllm_generation.temperature = temp
+            set_sampling_temperature(self.trainer, temp)
             self.used.append((state.global_step, temp))
 
     return TemperatureAnnealing()
+
+
+def set_sampling_temperature(trainer: Any, temp: float) -> None:
+    """The one temperature of a GRPO step: the sampler's (HF generation config, or vLLM) and the one the
+    trainer divides the logits by when it computes the policy, old-policy and reference log-probs."""
+    trainer.temperature = temp
+    if getattr(trainer, "generation_config", None) is not None:
+        trainer.generation_config.temperature = temp
+    if isinstance(getattr(trainer, "generation_kwargs", None), dict):
+        trainer.generation_kwargs["temperature"] = temp
+    if getattr(trainer, "vllm_generation", None) is not None:
+        trainer.vllm_generation.temperature = temp
+    follow = getattr(trainer, "follow_temperature", None)
+    if follow is not None:
+        follow(temp)
+
+
+#: The log-prob heads that bind a temperature: TRL's fused head (``trl.trainer.utils.add_fused_lm_head``,
+#: on a GPU) and the plain head thinkforge puts in its place on a CPU (``thinkforge.stages.lm_head``).
+_LOGPROB_HEADS = ("add_fused_lm_head.<locals>._fused_forward", "_plain_forward.<locals>.forward")
+
+
+def fused_head_temperature_cells(model: Any) -> list[Any]:
+    """The closure cells holding the temperature of the log-prob head on ``model``.
+
+    ``add_fused_lm_head(model, temperature=...)`` replaces ``model.forward`` with a closure that reads
+    ``temperature`` from its enclosing scope on every call (``model(..., fused_lm_head=True)`` is how
+    GRPOTrainer computes every per-token log-prob); so does the CPU head of ``thinkforge.stages.lm_head``.
+    Setting the cell moves the temperature of every later call, through any wrapper accelerate adds around
+    the forward. Returns [] when no such head is found (a TRL whose head works otherwise)."""
+    cells: list[Any] = []
+    targets = [model, getattr(model, "module", None)]  # DeepSpeed's engine keeps the model as .module
+    for m in list(targets):
+        base = getattr(m, "get_base_model", None)  # PEFT: TRL patches the base model
+        if callable(base):
+            targets.append(base())
+    for m in targets:
+        fn = getattr(m, "forward", None)
+        fn = getattr(fn, "__func__", fn)
+        for _ in range(16):  # down the __wrapped__ chain of decorators (autocast, fp32 outputs)
+            code = getattr(fn, "__code__", None)
+            if code is not None and getattr(code, "co_qualname", code.co_name) in _LOGPROB_HEADS \
+                    and "temperature" in code.co_freevars:
+                cell = fn.__closure__[code.co_freevars.index("temperature")]
+                if all(cell is not c for c in cells):
+                    cells.append(cell)
+                break
+            fn = getattr(fn, "__wrapped__", None)
+            if fn is None:
+                break
+    return cells
 
 
 # ---------------------------------------------------------------------------------- prompt selection
@@ -128,27 +186,76 @@ def length_cv(lengths: list[int]) -> float:
     return statistics.pstdev(lengths) / mean if mean > 0 else 0.0
 
 
+def prompt_candidates(rows: list[dict[str, Any]], rl: RLConfig, seed: int) -> list[dict[str, Any]]:
+    """The prompts prompt optimization samples: all, or ``prompt_opt_max_candidates`` of them drawn with
+    ``seed`` alone (never the rank), in their original order, so every rank computes the same list."""
+    import random
+
+    n = rl.prompt_opt_max_candidates
+    if not n or len(rows) <= n:
+        return list(rows)
+    picked = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in picked]
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) of this training process. Under a launcher (WORLD_SIZE > 1) the process group is
+    brought up the way the Trainer would (accelerate's PartialState), or with torch.distributed itself."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState()
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _all_gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def optimize_prompts(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[str, Any]],
                      verifier: Verifier | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Sample candidates with the current model and keep those inside the pass-rate band whose response
-    lengths are uniform. Returns (kept rows with measured pass_rate/mean_length/length_cv, stats)."""
+    lengths are uniform. Returns (kept rows with measured pass_rate/mean_length/length_cv, stats).
+
+    Every rank returns the same kept rows in the same order: under N processes rank k samples and judges
+    candidates k, k+N, ... (an N-th of the work each), and the verdicts are all-gathered. Samplers are not
+    bitwise reproducible across GPUs, so ranks that each judged every candidate would keep different sets
+    (and the Trainer's sampler, which assumes one dataset on every rank, would mix them)."""
     from thinkforge.engines.base import SamplingParams
     from thinkforge.engines.hf import HFEngine
 
     r = cfg.rl
-    candidates = rows[:r.prompt_opt_max_candidates] if r.prompt_opt_max_candidates else list(rows)
+    candidates = prompt_candidates(rows, r, cfg.run.seed)
+    rank, world = distributed_rank_world()
+    mine = list(range(rank, len(candidates), world))  # indices into candidates
     if on_gpu():  # sample on this process's GPU, where the Trainer would put the policy anyway
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     engine = HFEngine(model, cfg.template, tokenizer=tokenizer, batch_size=max(r.prompt_opt_samples, 32))
     own = verifier is None
     verifier = verifier or Verifier(mode=cfg.evaluate.extraction)
-    samples: dict[str, list[tuple[bool, int]]] = {c["id"]: [] for c in candidates}
-    alive = list(candidates)
+    samples: dict[int, list[tuple[bool, int]]] = {i: [] for i in mine}
+    alive = list(mine)
     rounds: list[dict[str, int]] = []
     reasons = {"pass_rate_low": 0, "pass_rate_high": 0, "length_spread": 0}
 
-    def verdict(c: dict[str, Any]) -> str | None:
-        s = samples[c["id"]]
+    def verdict(i: int) -> str | None:
+        s = samples[i]
         rate = sum(ok for ok, _ in s) / len(s)
         if rate < r.prompt_min_pass_rate:
             return "pass_rate_low"
@@ -160,36 +267,43 @@ def optimize_prompts(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[st
 
     try:
         for rnd in range(r.prompt_opt_rounds):
-            params = SamplingParams(n=r.prompt_opt_samples, temperature=r.temperature_start, top_p=r.top_p,
-                                    max_new_tokens=r.max_completion_tokens, seed=cfg.run.seed * 1000 + rnd)
-            outs = engine.generate([c["problem"] for c in alive], params)
-            items = [(c["answer"], o.text, c.get("answer_type", "math")) for c, os_ in zip(alive, outs) for o in os_]
-            verdicts = iter(verifier.verify_many(items))
-            for c, os_ in zip(alive, outs):
-                samples[c["id"]].extend((next(verdicts).correct, o.num_tokens) for o in os_)
             before = len(alive)
+            if alive:
+                params = SamplingParams(n=r.prompt_opt_samples, temperature=r.temperature_start, top_p=r.top_p,
+                                        max_new_tokens=r.max_completion_tokens, seed=cfg.run.seed * 1000 + rnd)
+                outs = engine.generate([candidates[i]["problem"] for i in alive], params)
+                items = [(candidates[i]["answer"], o.text, candidates[i].get("answer_type", "math"))
+                         for i, os_ in zip(alive, outs) for o in os_]
+                verdicts = iter(verifier.verify_many(items))
+                for i, os_ in zip(alive, outs):
+                    samples[i].extend((next(verdicts).correct, o.num_tokens) for o in os_)
             survivors = []
-            for c in alive:
-                why = verdict(c)
+            for i in alive:
+                why = verdict(i)
                 if why is None:
-                    survivors.append(c)
+                    survivors.append(i)
                 elif rnd == r.prompt_opt_rounds - 1 or why != "length_spread":
                     reasons[why] += 1  # a spread may still settle with more samples; a band miss rarely does
                 else:
-                    survivors.append(c)
-            alive = survivors if rnd < r.prompt_opt_rounds - 1 else [c for c in survivors if verdict(c) is None]
+                    survivors.append(i)
+            alive = survivors if rnd < r.prompt_opt_rounds - 1 else [i for i in survivors if verdict(i) is None]
             rounds.append({"round": rnd, "sampled": before, "kept": len(alive)})
     finally:
         model.train()
         if own:
             verifier.close()
-    kept = []
-    for c in alive:
-        s = samples[c["id"]]
+    local = []
+    for i in alive:
+        s = samples[i]
         lengths = [n for _, n in s]
-        kept.append({**c, "pass_rate": sum(ok for ok, _ in s) / len(s), "mean_length": statistics.fmean(lengths),
-                     "length_cv": length_cv(lengths)})
-    stats = {"candidates": len(candidates), "kept": len(kept), "rounds": rounds, "dropped": reasons}
+        local.append((i, {"pass_rate": sum(ok for ok, _ in s) / len(s), "mean_length": statistics.fmean(lengths),
+                          "length_cv": length_cv(lengths)}))
+    parts = _all_gather({"kept": local, "rounds": rounds, "dropped": reasons}, world)
+    kept = [{**candidates[i], **measured} for i, measured in sorted(k for part in parts for k in part["kept"])]
+    rounds = [{"round": rnd, "sampled": sum(p["rounds"][rnd]["sampled"] for p in parts),
+               "kept": sum(p["rounds"][rnd]["kept"] for p in parts)} for rnd in range(r.prompt_opt_rounds)]
+    reasons = {k: sum(p["dropped"][k] for p in parts) for k in reasons}
+    stats = {"candidates": len(candidates), "kept": len(kept), "rounds": rounds, "dropped": reasons, "ranks": world}
     if not kept:
         raise EmptyDataError(
             f"RL prompt optimization kept 0 of {len(candidates)} prompts (pass rate band "
@@ -286,6 +400,33 @@ def _define_trainer_class() -> type:
             self.rebalance = rebalance
             self._last_rewards_per_func = None
             self.rebalance_log: list[dict[str, float]] = []
+            self.logprob_temperature_follows = False
+            self.importance_sampling_off_reason = ""
+            self.follow_temperature(float(self.temperature))
+
+        def follow_temperature(self, temp: float) -> None:
+            """Move the temperature bound into the log-prob head of the policy (and of the reference model) to
+            ``temp``. Looked up on every call: on a CPU the stage swaps TRL's head for a plain one before
+            training. Where no head is found while annealing, vLLM's importance-sampling correction goes off."""
+            policy = fused_head_temperature_cells(self.model)
+            ref = fused_head_temperature_cells(self.ref_model) if getattr(self, "ref_model", None) is not None else []
+            for cell in policy + ref:
+                cell.cell_contents = temp
+            self.logprob_temperature_follows = bool(policy)
+            r = self.rl_config
+            if policy or not (r.anneal_temperature and r.temperature_start != r.temperature_end):
+                return
+            if not getattr(self, "_warned_unfollowed", False):
+                self._warned_unfollowed = True
+                log.warning("rl: the log-prob temperature could not be found on the model: the training log-probs "
+                            "stay at temperature_start=%s while sampling anneals", r.temperature_start)
+            if self.use_vllm and self.vllm_importance_sampling_correction:
+                # exp(sum log p(T_start) - log p(T)) over a long rollout is no correction: turn it off.
+                self.vllm_importance_sampling_correction = False
+                self.importance_sampling_off_reason = (
+                    "vLLM importance-sampling correction turned off while annealing: the training log-probs "
+                    "cannot follow the sampling temperature in this TRL")
+                log.warning("rl: %s", self.importance_sampling_off_reason)
 
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             out = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -338,6 +479,23 @@ def _define_trainer_class() -> type:
 # ------------------------------------------------------------------------------------------- the stage
 
 
+def vllm_window(rl: RLConfig, prompt_lengths: list[int]) -> int:
+    """The colocated vLLM engine's context window (``max_model_len``) for these prompt token counts:
+    ``rl.vllm_max_model_length``, or the longest prompt plus ``max_completion_tokens`` when that is 0."""
+    longest = max(prompt_lengths, default=0)
+    if not rl.vllm_max_model_length:
+        return longest + rl.max_completion_tokens
+    if longest >= rl.vllm_max_model_length:
+        raise ValueError(f"rl.vllm_max_model_length ({rl.vllm_max_model_length}) leaves no room for a completion: the "
+                         f"longest RL prompt has {longest} tokens")
+    over = sum(n + rl.max_completion_tokens > rl.vllm_max_model_length for n in prompt_lengths)
+    if over:
+        log.warning("rl: %d of %d prompts leave less than max_completion_tokens=%d in vllm_max_model_length=%d: "
+                    "their rollouts end at the window", over, len(prompt_lengths), rl.max_completion_tokens,
+                    rl.vllm_max_model_length)
+    return rl.vllm_max_model_length
+
+
 def rl(cfg: Recipe, model_path: str | Path, prompts_path: str | Path, out_dir: str | Path,
        metrics: Any = None) -> TrainResult:
     from datasets import Dataset
@@ -358,16 +516,32 @@ def rl(cfg: Recipe, model_path: str | Path, prompts_path: str | Path, out_dir: s
         n = len(rows)
         rows = oversample_hard(rows, r)
         extra["oversampled"] = len(rows) - n
+    prompts = [render_prompt(tok, x["problem"], cfg.template) for x in rows]
     data = Dataset.from_dict({
-        "prompt": [render_prompt(tok, x["problem"], cfg.template) for x in rows],
+        "prompt": prompts,
         "answer": [x["answer"] for x in rows],
         "answer_type": [x.get("answer_type", "math") for x in rows],
     }).shuffle(seed=cfg.run.seed)
-    vllm = dict(vllm_mode="colocate", vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization) if r.use_vllm else {}
+    vllm: dict[str, Any] = {}
+    if r.use_vllm:
+        # TRL tokenizes a text prompt with the tokenizer's defaults: count the same way
+        window = vllm_window(r, [len(ids) for ids in tok(text=prompts)["input_ids"]])
+        extra["vllm_max_model_length"] = window
+        vllm = dict(
+            vllm_mode="colocate", vllm_gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+            vllm_max_model_length=window,
+            vllm_importance_sampling_correction=r.vllm_importance_sampling_correction,
+            vllm_importance_sampling_mode=r.vllm_importance_sampling_mode,
+            vllm_importance_sampling_clip_max=r.vllm_importance_sampling_clip_max,
+            vllm_importance_sampling_clip_min=r.vllm_importance_sampling_clip_min or None,
+        )
     args = training_args(
         GRPOConfig, r, Path(out_dir) / "trainer", cfg.run.seed, checkpoints=checkpointing(cfg, r),
         num_generations=r.num_generations, max_completion_length=r.max_completion_tokens,
         temperature=r.temperature_start, top_p=r.top_p, beta=r.beta, use_vllm=r.use_vllm,
+        loss_type=r.loss_type, scale_rewards=r.scale_rewards, epsilon=r.epsilon,
+        epsilon_high=r.epsilon_high or None, mask_truncated_completions=r.mask_truncated_completions,
+        importance_sampling_level=r.importance_sampling_level,
         log_completions=False, **vllm,
     )
     reward = VerifierReward(cfg.evaluate.extraction)
@@ -381,6 +555,9 @@ def rl(cfg: Recipe, model_path: str | Path, prompts_path: str | Path, out_dir: s
                    work_dir=Path(out_dir) / "trainer", metrics=metrics)
     finally:
         reward.close()
+    extra["logprob_temperature_follows"] = trainer.logprob_temperature_follows
+    if trainer.importance_sampling_off_reason:
+        extra["importance_sampling_off"] = trainer.importance_sampling_off_reason
     used = [h["temperature"] for h in trainer.state.log_history if "temperature" in h]
     return finish(trainer, tok, out_dir, len(rows), start, metric="reward",
                   temperatures=[t for _, t in anneal.used], sampled_temperatures=used, **extra, **info)
