@@ -131,7 +131,9 @@ def test_every_reason_is_counted_once(setup):
 def test_rl_pool_has_pass_rate_length_spread_and_tags(setup):
     _, _, out, _ = setup
     pool = {r["id"]: r for r in read_jsonl(out / "rl_prompts.jsonl")}
-    assert set(pool) == {"apples", "apples-5", "bad-gold", "geo0", "geo1", "geo2", "alg0"}, "dropped prompts are out"
+    # dropped prompts are out, and so is the one whose reference answer does not parse
+    assert set(pool) == {"apples", "apples-5", "geo0", "geo1", "geo2", "alg0"}, "dropped prompts are out"
+    assert setup[1].rl_dropped == {"unverifiable_gold": 1, "unsolved": 0}
     apples = pool["apples"]
     assert apples["n_samples"] == 9, "the engine error says nothing about the problem"
     # the answer verifies in 5 of 9 (0, 1, and the looping, unfinished and over-long ones): pass rate
@@ -223,3 +225,77 @@ def test_default_benchmark_source_decontaminates_the_smoke_set(tmp_path):
     write_jsonl(tmp_path / "r.jsonl", rows)
     result = filter_rollouts(cfg, tmp_path / "r.jsonl", tmp_path / "out")
     assert result.counts["contaminated"] == 0 and result.kept == len(rows)
+
+
+POWER_TOWER = "<think>\nbig\n</think>\n\nThe answer is \\boxed{10^{10^{10^{10}}}}."  # the verifier times out
+
+
+def _small_filter(tmp_path, rows, **overrides):
+    write_jsonl(tmp_path / "r.jsonl", rows)
+    cfg = load_recipe(SMOKE, {"template.think": True, "filter.decontaminate": False,
+                              "filter.dpo_pairs_per_prompt": 2, **{f"filter.{k}": v for k, v in overrides.items()}})
+    return filter_rollouts(cfg, tmp_path / "r.jsonl", tmp_path / "out"), tmp_path / "out"
+
+
+def _rl_and_dpo_rows():
+    q1 = "A farmer has 9 cows and sells 2 of them on a rainy Monday. How many cows does the farmer keep?"
+    q2 = "Lena reads 6 pages every evening for 5 evenings in a row. How many pages has Lena read in all?"
+    q3 = "A train leaves at noon with 40 seats and 13 of them are taken. How many seats are still free?"
+    return [
+        # solo: one correct answer and no complete wrong one: nothing to pair it with
+        ro("solo", q1, "7", 0, think("9 - 2 = 7", "7"), 10),
+        ro("solo", q1, "7", 1, "<think>\n9 - 2 = 6\n</think>\n\nThe answer is \\boxed{6", 64, finish="length"),
+        ro("solo", q1, "7", 2, POWER_TOWER, 12),
+        ro("solo", q1, "7", 3, "<think>\n9 minus 2 is 8, so \\boxed{8}", 11),
+        ro("solo", q1, "7", 4, "<think>\nhmm\n</think>\n\nI do not know.", 9),
+        # mixed: the complete wrong answer is the rejected one, however close in length a truncated one is
+        ro("mixed", q2, "30", 0, think("6 * 5 = 30", "30"), 20),
+        ro("mixed", q2, "30", 1, "<think>\n6 * 5 = 35\n</think>\n\n\\boxed{35", 21, finish="length"),
+        ro("mixed", q2, "30", 2, think("6 + 5 = 11", "11"), 90),
+        # never: the teacher is wrong every time (a wrong reference, or a problem beyond it)
+        ro("never", q3, "27", 0, think("40 - 13 = 17", "17"), 15),
+        ro("never", q3, "27", 1, think("40 - 13 = 37", "37"), 15),
+    ]
+
+
+def test_dpo_rejected_samples_are_complete_wrong_answers_only(tmp_path):
+    result, out = _small_filter(tmp_path, _rl_and_dpo_rows())
+    verdicts = {(v["problem_id"], v["sample_index"]): v["reason"] for v in read_jsonl(out / "verdicts.jsonl")}
+    assert [verdicts[("solo", i)] for i in range(5)] == ["correct", "truncated", "timeout", "unfinished_thinking",
+                                                        "no_answer"]
+    pairs = read_jsonl(out / "dpo.jsonl")
+    assert [p["problem_id"] for p in pairs] == ["mixed"] and result.dpo_pairs == 1
+    assert pairs[0]["rejected"] == think("6 + 5 = 11", "11")
+
+
+def test_rl_pool_leaves_out_unsolved_problems_unless_asked(tmp_path):
+    result, out = _small_filter(tmp_path / "a", _rl_and_dpo_rows())
+    assert {r["id"] for r in read_jsonl(out / "rl_prompts.jsonl")} == {"solo", "mixed"}
+    assert result.rl_dropped == {"unverifiable_gold": 0, "unsolved": 1} and result.rl_prompts == 2
+    assert "left out: 1 unsolved" in html_report(result)
+    bad_gold = ro("bad", "What is the color of the number nine?", "\\frac{", 0, think("blue", "blue"), 9)
+    result, out = _small_filter(tmp_path / "b", _rl_and_dpo_rows() + [bad_gold], rl_keep_unsolved=True)
+    pool = {r["id"]: r for r in read_jsonl(out / "rl_prompts.jsonl")}
+    assert set(pool) == {"solo", "mixed", "never"} and pool["never"]["pass_rate"] == 0
+    assert result.rl_dropped == {"unverifiable_gold": 1, "unsolved": 0}
+    result, out = _small_filter(tmp_path / "c", [bad_gold, *_rl_and_dpo_rows()[:1]], rl_keep_unverifiable_gold=True)
+    assert {r["id"] for r in read_jsonl(out / "rl_prompts.jsonl")} == {"solo", "bad"}
+
+
+def test_r1_completions_without_the_opening_think_tag_are_normalized_before_filtering(tmp_path):
+    q = "Sam bakes 4 trays of 6 rolls for the fair on Sunday. How many rolls does Sam bake?"
+    rows = [
+        # DeepSeek-R1 through a chat API: the <think> opening sat in the prompt, the answer follows </think>
+        ro("r1", q, "24", 0, "Okay, 4 trays of 6 rolls. The answer is 25? No: 4 * 6 = 24.\n</think>\n\n"
+           "The answer is \\boxed{24}.", 30),
+        ro("r1", q, "24", 1, "4 * 6 = 26, the answer is 26.\n</think>\n\n\\boxed{26}", 20),
+    ]
+    result, out = _small_filter(tmp_path, rows)
+    sft = read_jsonl(out / "sft.jsonl")
+    assert sft[0]["completion"].startswith("<think>\nOkay, 4 trays") and sft[0]["completion"].count("<think>") == 1
+    mid = read_jsonl(out / "midtrain.jsonl")
+    assert all(r["completion"].startswith("<think>\n") for r in mid)
+    pair = read_jsonl(out / "dpo.jsonl")[0]
+    assert pair["chosen"].startswith("<think>\n") and pair["rejected"].startswith("<think>\n4 * 6 = 26")
+    assert result.kept == 1 and result.normalized_think == 2
+    assert json.loads((out / "summary.json").read_text())["normalized_think"] == 2

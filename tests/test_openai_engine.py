@@ -50,6 +50,9 @@ class FaultServer:
         self.ignore_n = ignore_n
         self.reasoning = reasoning
         self.finish = finish
+        self.sse = False  # answer requests that ask for "stream": true with server-sent events
+        self.event_delay = 0.0  # seconds between streamed events
+        self.content: str | None = None  # the answer text of every choice (None: a text naming seed and choice)
         self.actions: deque[tuple] = deque()
         self.requests: list[tuple[str, dict, dict]] = []
         self.lock = threading.Lock()
@@ -111,7 +114,8 @@ class FaultServer:
         problem = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
         choices = []
         for i in range(n):
-            text = f"seed {body.get('seed')} choice {i}: {problem[:20]} so \\boxed{{7}}"
+            text = self.content if self.content is not None else \
+                f"seed {body.get('seed')} choice {i}: {problem[:20]} so \\boxed{{7}}"
             if "messages" in body:
                 msg: dict[str, Any] = {"role": "assistant", "content": text}
                 if self.reasoning:
@@ -122,12 +126,78 @@ class FaultServer:
         return {"id": "x", "object": "chat.completion", "choices": choices,
                 "usage": {"prompt_tokens": 10, "completion_tokens": 9 * n, "total_tokens": 10 + 9 * n}}
 
+    def events(self, body: dict) -> list[bytes]:
+        """The answer as an OpenAI stream: per-choice deltas of a few characters, the choices interleaved,
+        a keep-alive comment before each event, a usage chunk, then [DONE]."""
+        full = self.answer(body)
+        chat = "messages" in body
+        per_choice = []
+        for c in full["choices"]:
+            i = c["index"]
+            text = c["message"]["content"] if chat else c["text"]
+            reasoning = c["message"].get("reasoning_content", "") if chat else ""
+            if chat:
+                chunks = [{"index": i, "delta": {"role": "assistant"}, "finish_reason": None}]
+                chunks += [{"index": i, "delta": {"reasoning_content": reasoning[k:k + 6]}, "finish_reason": None}
+                           for k in range(0, len(reasoning), 6)]
+                chunks += [{"index": i, "delta": {"content": text[k:k + 6]}, "finish_reason": None}
+                           for k in range(0, len(text), 6)]
+                chunks.append({"index": i, "delta": {}, "finish_reason": c["finish_reason"]})
+            else:
+                chunks = [{"index": i, "text": text[k:k + 6], "finish_reason": None} for k in range(0, len(text), 6)]
+                chunks.append({"index": i, "text": "", "finish_reason": c["finish_reason"]})
+            per_choice.append(chunks)
+        out = []
+        for r in range(max(len(c) for c in per_choice)):
+            for chunks in per_choice:
+                if r < len(chunks):
+                    out.append(b": ping\n\n")
+                    out.append(b"data: " + json.dumps({"object": "chat.completion.chunk", "choices": [chunks[r]]}).encode()
+                               + b"\n\n")
+        out.append(b"data: " + json.dumps({"choices": [], "usage": full["usage"]}).encode() + b"\r\n\r\n")
+        out.append(b"data: [DONE]\n\n")
+        return out
+
+    def stream(self, h: BaseHTTPRequestHandler, events: list[bytes], stall: float = 0.0, cut: bool = False) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+
+        def chunk(data: bytes) -> None:
+            h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            h.wfile.flush()
+
+        for ev in events:
+            chunk(ev)
+            if self.event_delay and not ev.startswith(b":"):
+                time.sleep(self.event_delay)
+        if stall:  # alive (keep-alive pings) but no tokens
+            end = time.monotonic() + stall
+            while time.monotonic() < end:
+                chunk(b": ping\n\n")
+                time.sleep(0.05)
+        if cut:
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        h.wfile.write(b"0\r\n\r\n")
+        h.wfile.flush()
+
     def act(self, h: BaseHTTPRequestHandler, action: tuple, body: dict) -> None:
         kind = action[0]
         if self.delay:
             time.sleep(self.delay)
-        if kind == "ok":
+        if kind == "ok" and self.sse and body.get("stream"):
+            self.stream(h, self.events(body))
+        elif kind == "ok":
             self.send(h, 200, json.dumps(self.answer(body)).encode())
+        elif kind == "sse_stall":  # some tokens, then silence (pings only) for action[1] seconds
+            self.stream(h, self.events(body)[:4], stall=action[1])
+        elif kind == "sse_cut":  # some tokens, then the connection drops before [DONE]
+            self.stream(h, self.events(body)[:6], cut=True)
+        elif kind == "sse_error":  # an error event in the middle of the stream
+            self.stream(h, self.events(body)[:4] + [b'data: {"error": {"message": "engine crashed", "code": 500}}\n\n'])
         elif kind == "status":
             status, payload = action[1], action[2] if len(action) > 2 else b'{"error": {"message": "boom"}}'
             self.send(h, status, payload, action[3] if len(action) > 3 else None)
@@ -354,6 +424,98 @@ def test_connection_refused_is_retried_then_an_error_sample():
     assert count(m, "generate_http_errors_total", code="connection") == 3
 
 
+# ------------------------------------------------------------------------------------ streaming
+
+
+def test_streamed_answers_have_no_overall_deadline_only_an_idle_timeout(server):
+    """A long trace arrives token by token for longer than request_timeout_s: streamed, it is kept;
+    not streamed, the same answer is dropped as a timeout (what biases SFT towards short traces)."""
+    server.sse = server.reasoning = True
+    server.event_delay = 0.04  # ~40 events per answer of 2 choices: ~1.6 s, far over the 0.5 s deadline
+    m = StageMetrics.disabled("generate")
+    eng = engine_for(server.url, m, stream=True, stream_idle_timeout_s=1.0, request_timeout_s=0.5, max_retries=0)
+    t0 = time.monotonic()
+    out = eng.generate(["What is 3+4?"], SamplingParams(n=2, seed=3))
+    assert time.monotonic() - t0 > 1.0
+    _, body, headers = server.requests[-1]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert "text/event-stream" in headers["Accept"]
+    for i, c in enumerate(out[0]):  # choices streamed interleaved, put back together by index
+        assert c.finish_reason == "stop", c.error
+        assert c.text == f"seed {body['seed']} choice {i}: What is 3+4? so \\boxed{{7}}"
+        assert c.reasoning == "thinking about What is 3+" and c.num_tokens == 9
+    assert count(m, "generate_http_errors_total", code="timeout") == 0
+
+    server.requests.clear()
+    unstreamed = engine_for(server.url, m, stream=False, request_timeout_s=0.5, max_retries=0)
+    server.delay = 1.0  # the whole answer is ready only after the deadline
+    c = unstreamed.generate(["What is 3+4?"], SamplingParams(n=1))[0][0]
+    assert c.finish_reason == "error" and "timeout" in c.error
+    assert server.requests[-1][1]["stream"] is False
+
+
+def test_a_stream_that_goes_silent_fails_after_the_idle_timeout_and_is_retried(server):
+    server.sse = True
+    m = StageMetrics.disabled("generate")
+    server.push("sse_stall", 5.0)  # a few tokens, then keep-alive pings only: pings are not progress
+    t0 = time.monotonic()
+    eng = engine_for(server.url, m, stream=True, stream_idle_timeout_s=0.5, max_retries=1)
+    c = eng.generate(["q"], SamplingParams(n=1))[0][0]
+    assert time.monotonic() - t0 < 3.0
+    assert c.finish_reason == "stop" and "\\boxed{7}" in c.text, "the retry got the whole answer"
+    assert count(m, "generate_http_errors_total", code="timeout") == 1
+    assert count(m, "generate_http_retries_total", code="timeout") == 1
+
+    server.push("sse_stall", 5.0, times=2)
+    c = engine_for(server.url, m, stream=True, stream_idle_timeout_s=0.3, max_retries=1).generate(
+        ["q"], SamplingParams(n=1))[0][0]
+    assert c.finish_reason == "error" and "stream_idle_timeout_s" in c.error
+
+
+def test_cut_off_and_failing_streams_are_retried_and_plain_json_still_works(server):
+    server.sse = True
+    m = StageMetrics.disabled("generate")
+    server.push("sse_cut")
+    server.push("sse_error")
+    eng = engine_for(server.url, m, stream=True, stream_idle_timeout_s=2.0, max_retries=2, concurrency=1)
+    c = eng.generate(["q"], SamplingParams(n=1))[0][0]
+    assert c.finish_reason == "stop" and c.text.endswith("\\boxed{7}")
+    assert count(m, "generate_http_errors_total", code="connection") == 1
+    assert count(m, "generate_http_errors_total", code="stream_error") == 1
+    # a server that ignores "stream": true and answers with one JSON body is read as usual
+    server.sse = False
+    out = eng.generate(["q"], SamplingParams(n=2))
+    assert [x.finish_reason for x in out[0]] == ["stop", "stop"]
+    # the completions API streams text deltas
+    server.sse = True
+    c = engine_for(server.url, stream=True, api="completions").generate(["q"], SamplingParams(n=1))[0][0]
+    assert c.finish_reason == "stop" and c.text.endswith("\\boxed{7}") and c.num_tokens == 9
+    # an answer over max_response_bytes is abandoned mid-stream, not retried
+    server.content = "x" * 300_000
+    m2 = StageMetrics.disabled("generate")
+    c = engine_for(server.url, m2, stream=True, max_response_bytes=64 << 10).generate(["q"], SamplingParams(n=1))[0][0]
+    assert c.finish_reason == "error" and "max_response_bytes" in c.error
+    assert count(m2, "generate_http_retries_total", code="too_large") == 0
+
+
+def test_generate_stage_streams_r1_traces_and_restores_the_opening_think_tag(server, tmp_path):
+    """DeepSeek-R1 through a chat API puts `<think>` in the prompt and answers `...</think>answer`; the
+    stage streams it (no deadline on long traces) and writes the rollout with its opening tag."""
+    from thinkforge.stages.generate import generate
+
+    server.sse = True
+    server.event_delay = 0.02  # ~0.5 s an answer: over request_timeout_s, which a stream does not use
+    server.content = "Okay, 3 apples and 4 more.\nSo 3 + 4 = 7.\n</think>\n\nThe answer is \\boxed{7}."
+    cfg = _http_recipe(server.url, request_timeout_s=0.2, stream_idle_timeout_s=5.0)
+    assert cfg.generate.stream is True, "streaming is the default"
+    res = generate(cfg, tmp_path / "rollouts.jsonl")
+    assert res.failed == 0 and all(b["stream"] is True for _, b, _ in server.requests)
+    rows = [r for r in read_jsonl(tmp_path / "rollouts.jsonl") if r["teacher"] != "imported"]
+    assert len(rows) == 12
+    assert all(r["completion"].startswith("<think>\nOkay, 3 apples") and r["completion"].count("<think>") == 1
+               for r in rows)
+
+
 # ------------------------------------------------------------------------ the stage over HTTP
 
 
@@ -439,7 +601,9 @@ def llama_server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
          # one thread: ggml's spinning thread barrier slows to a crawl when the CPUs are oversubscribed
-         "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1", "--model_alias", "smollm2"],
+         "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1", "--model_alias", "smollm2",
+         # by default a new request ends the stream in progress with an empty "stop" answer
+         "--interrupt_requests", "False"],
         stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -467,11 +631,12 @@ def llama_server(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("api", ["chat", "completions"])
-def test_real_llama_cpp_server(llama_server, api):
+@pytest.mark.parametrize("api, stream", [("chat", False), ("completions", False), ("chat", True),
+                                         ("completions", True)])
+def test_real_llama_cpp_server(llama_server, api, stream):
     m = StageMetrics.disabled("generate")
     eng = OpenAIEngine(llama_server.url, "smollm2", TEMPLATE, api=api, concurrency=2, api_key="", metrics=m,
-                       request_timeout_s=120, max_retries=1)
+                       request_timeout_s=120, max_retries=1, stream=stream, stream_idle_timeout_s=60)
     out = eng.generate(["What is 12 + 7?", "Tom has 3 apples and buys 4 more. How many apples does he have?"],
                        SamplingParams(n=2, temperature=0.8, max_new_tokens=24, seed=0))
     eng.close()

@@ -111,3 +111,38 @@ def test_errors_truncation_lengths_and_groups():
     assert m["mean_tokens"] == 20.0  # failed samples have no length
     assert m["by_subject"] == {"Algebra": 0.5, "Geometry": 0.0} and m["by_level_n"] == {"1": 1, "3": 1}
     assert m["pass@2"] == 0.5 and m["per_problem"] == {"a": 0.5, "b": 0.0}
+
+
+def test_cons_votes_by_answer_equivalence_class():
+    """`\\frac12` and `0.5` are one answer: one class, two votes (the shared verifier's equivalence)."""
+    # gold 1/2: two correct answers written differently outvote one wrong answer seen first
+    assert majority_correct(["3", "\\frac12", "0.5"], [False, True, True])
+    # gold 3: two equivalent wrong answers outvote the one correct answer seen first
+    assert not majority_correct(["3", "0.5", "\\frac{1}{2}"], [True, False, False])
+    assert not majority_correct(["3", "1/2", "\\dfrac{1}{2}", "x^2+1", "1+x^2", "1+x^2"],
+                                [True, False, False, False, False, False])
+    # through score_samples, as the evaluate stage and `thinkforge score` call it
+    m = score_samples([
+        {"problem_id": "a", "correct": False, "extracted": "3"},
+        {"problem_id": "a", "correct": True, "extracted": "\\frac{1}{2}"},
+        {"problem_id": "a", "correct": True, "extracted": "0.5"},
+        {"problem_id": "b", "correct": True, "extracted": "4"},
+        {"problem_id": "b", "correct": False, "extracted": "\\sqrt{8}"},
+        {"problem_id": "b", "correct": False, "extracted": "2\\sqrt{2}"},
+    ])
+    assert m["cons@3"] == 0.5
+
+
+def test_cons_asks_the_verifier_only_about_distinct_wrong_answers():
+    asked = []
+
+    def equivalent(pairs):
+        asked.extend(pairs)
+        return [False] * len(pairs)
+
+    assert majority_correct(["8", "7", " 8", "07", "a", "b", "a"], [False, True, False, True, False, False, False],
+                            equivalent=equivalent) is False  # "8" x2, correct x2, "a" x2: "8" came first
+    assert sorted(asked) == [("8", "a", "math"), ("8", "b", "math"), ("a", "b", "math")]
+    asked.clear()
+    assert majority_correct(["1", "2", "3", "2"], [True, False, False, False], equivalent=equivalent) is False
+    assert asked == [], "distinct integers differ without asking"

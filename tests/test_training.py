@@ -92,6 +92,22 @@ def test_midtrain_stops_when_validation_saturates(recipe, tiny, data, tmp_path):
     assert len(r.extra["eval_losses"]) == 3
 
 
+def test_midtrain_runs_every_planned_step_unless_early_stopping_is_asked_for(recipe, tiny, data, tmp_path):
+    """The paper distils for 5 epochs: a validation loss that does not improve early must not end the
+    run by default. The same run stops early only with a patience set (see the test above)."""
+    from thinkforge.config import MidtrainConfig
+    from thinkforge.stages.midtrain import midtrain
+
+    assert MidtrainConfig().early_stopping_patience == 0
+    # min_delta larger than any possible gain: no evaluation ever counts as an improvement
+    cfg = load_recipe(recipe, {"midtrain.max_steps": 6, "midtrain.eval_steps": 1, "midtrain.validation_fraction": 0.2,
+                               "midtrain.early_stopping_min_delta": 100.0})
+    r = midtrain(cfg, tiny, data / "sft.jsonl", tmp_path / "out")
+    assert r.steps == 6 and r.extra["stopped_early_at"] is None and len(r.extra["eval_losses"]) == 6
+    assert r.extra["best_eval_loss"] == min(r.extra["eval_losses"])
+    assert r.extra["best_eval_step"] == 1 + r.extra["eval_losses"].index(r.extra["best_eval_loss"])
+
+
 def test_midtrain_streams_the_corpus_over_several_epochs(recipe, tiny, data, tmp_path):
     from thinkforge.config import ConfigError
     from thinkforge.stages.midtrain import midtrain

@@ -82,7 +82,16 @@ class GenerateConfig(Section):
         "counts tokens when a request returns several choices (same forms as model.student; empty = none)."
     )
     concurrency: int = Field(16, ge=1, description="engine=openai: requests in flight at once.")
-    request_timeout_s: float = Field(600.0, gt=0.0, description="engine=openai: hard deadline of one request.")
+    request_timeout_s: float = Field(600.0, gt=0.0, description="engine=openai: hard deadline of one request "
+                                     "that is not streamed (stream=false).")
+    stream: bool = Field(
+        True, description="engine=openai: stream answers (server-sent events): no overall deadline, so the "
+        "longest reasoning traces are not dropped as timeouts; stream_idle_timeout_s bounds the silence instead."
+    )
+    stream_idle_timeout_s: float = Field(
+        300.0, gt=0.0, description="engine=openai with stream: fail a request after this many seconds without a "
+        "token (queueing on a busy server counts)."
+    )
     max_retries: int = Field(5, ge=0, description="engine=openai: retries on 429/5xx/timeouts/connection errors.")
     retry_backoff_s: float = Field(1.0, ge=0.0, description="engine=openai: first retry delay (doubles, jittered).")
     max_response_bytes: int = Field(16 << 20, ge=1024, description="engine=openai: abandon larger answers.")
@@ -182,7 +191,8 @@ class MidtrainConfig(TrainConfig):
     validation_max_examples: int = Field(512, ge=1, description="At most this many held-out validation records.")
     eval_steps: int = Field(50, ge=1, description="Validation loss every N steps.")
     early_stopping_patience: int = Field(
-        3, ge=0, description="Stop after this many evaluations without improvement (0 = never stop early).",
+        0, ge=0, description="Stop after this many evaluations without improvement (0 = never stop early: the "
+        "planned epochs always run; the best validation loss and its step are reported either way).",
     )
     early_stopping_min_delta: float = Field(0.0, ge=0.0, description="Smallest drop in validation loss that counts.")
 

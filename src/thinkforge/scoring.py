@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -33,35 +34,89 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def majority_correct(extracted: Sequence[str | None], correct: Sequence[bool]) -> bool:
-    """cons@k for one problem: is the most common extracted answer a correct one?
+Equivalence = Callable[[Sequence[tuple[str, str, str]]], Sequence[bool]]
+"""Judges (a, b, answer_type) pairs of extracted answers: is b equivalent to a?"""
 
-    Samples without an answer do not vote; answers that differ only in whitespace or `$` delimiters
-    are one vote; ties go to the answer seen first.
+
+def majority_correct(extracted: Sequence[str | None], correct: Sequence[bool],
+                     equivalent: Equivalence | None = None, answer_type: str = "math") -> bool:
+    """cons@k for one problem: does the largest class of equivalent answers hold a correct one?
+
+    Samples without an answer do not vote. Answers vote by equivalence class, with the shared
+    verifier's equivalence (`thinkforge.verify.equivalent_pairs`, or `equivalent`): `\\frac12` and
+    `0.5` are one vote. Every correct answer matches the gold, so the correct ones form one class
+    (no comparison needed); the wrong ones are grouped among themselves: answers that differ only
+    in whitespace or `$` delimiters, or integers of the same value, without the verifier, the rest
+    by it. Ties go to the class whose first answer came first.
     """
-    keys = [_vote_key(a) for a in extracted]
-    votes = Counter(k for k in keys if k)
-    if not votes:
-        return False
-    top = max(votes.values())
-    winner = next(k for k in keys if k and votes[k] == top)
-    return any(ok for k, ok in zip(keys, correct) if k == winner)
+    return bool(majority_votes([extracted], [correct], equivalent, [answer_type])[0])
+
+
+_INT = re.compile(r"[+-]?\d{1,60}")
 
 
 def _vote_key(answer: str | None) -> str | None:
     if answer is None:
         return None
     key = "".join(answer.split()).strip("$")
+    if _INT.fullmatch(key):
+        key = str(int(key))
     return key or None
 
 
-def score_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int] = (1,)) -> dict[str, Any]:
+def majority_votes(extracted: Sequence[Sequence[str | None]], correct: Sequence[Sequence[bool]],
+                   equivalent: Equivalence | None = None,
+                   answer_types: Sequence[str] | None = None) -> list[bool]:
+    """`majority_correct` for many problems at once: every comparison the verifier must make is
+    sent in one batch (one worker pool for the whole benchmark)."""
+    keys = [[_vote_key(a) for a in row] for row in extracted]
+    types = list(answer_types) if answer_types is not None else ["math"] * len(keys)
+    # the distinct wrong answers of each problem, in order of first appearance
+    wrong = [list(dict.fromkeys(k for k, ok in zip(row, oks) if k and not ok)) for row, oks in zip(keys, correct)]
+    pairs = [(i, a, b) for i, ws in enumerate(wrong) for x, a in enumerate(ws) for b in ws[x + 1:]
+             if not (_INT.fullmatch(a) and _INT.fullmatch(b))]  # distinct integers differ: no need to ask
+    same: dict[tuple[int, str, str], bool] = {}
+    if pairs:
+        judge = equivalent or _verifier_equivalence
+        verdicts = judge([(a, b, types[i]) for i, a, b in pairs])
+        same = {p: bool(v) for p, v in zip(pairs, verdicts)}
+    out = []
+    for i, (row, oks) in enumerate(zip(keys, correct)):
+        # class of each voting sample: "correct" for correct answers, else a representative wrong key
+        rep: dict[str, str] = {}
+        for w in wrong[i]:
+            rep[w] = next((r for r in dict.fromkeys(rep.values()) if same.get((i, r, w))), w)
+        classes = [None if not k else "\x00correct" if ok else rep[k] for k, ok in zip(row, oks)]
+        votes = Counter(c for c in classes if c)
+        if not votes:
+            out.append(False)
+            continue
+        top = max(votes.values())
+        winner = next(c for c in classes if c and votes[c] == top)
+        out.append(winner == "\x00correct")
+    return out
+
+
+def _verifier_equivalence(pairs: Sequence[tuple[str, str, str]]) -> list[bool]:
+    """The shared verifier's equivalence, with its hard per-comparison timeout."""
+    from thinkforge.verify import equivalent_pairs
+
+    return equivalent_pairs(pairs)
+
+
+def _vote_type(answer_type: Any) -> str:
+    return "choice" if answer_type == "choice" else "math"  # integer votes are normalized integers
+
+
+def score_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int] = (1,),
+                  equivalent: Equivalence | None = None) -> dict[str, Any]:
     """Metrics of one benchmark from eval samples (fields problem_id, correct, extracted, optional vote,
     num_tokens, finish_reason, subject, level).
 
     pass@1 is the mean over problems of each problem's share of correct samples, with the standard
     error of that mean across problems; cons@k (k = the fewest samples any problem has) is a majority
-    vote over extracted answers; pass@k for each k in `ks` with 1 < k <= that k is the unbiased
+    vote over extracted answers by equivalence class (`majority_correct`; `equivalent` judges pairs of
+    answers, default the shared verifier); pass@k for each k in `ks` with 1 < k <= that k is the unbiased
     estimator; by_subject/by_level are pass@1 within each group; mean_tokens, truncation_rate
     (finish_reason "length") and error_rate (finish_reason "error") are over samples."""
     by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -77,10 +132,10 @@ def score_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int] = (1,)) -
         "k": n_min,
         "pass@1": p1,
         "pass@1_se": se,
-        f"cons@{n_min}": sum(
-            majority_correct([s.get("vote", s.get("extracted")) for s in v], [bool(s["correct"]) for s in v])
-            for v in by_problem.values()
-        ) / len(by_problem),
+        f"cons@{n_min}": sum(majority_votes(
+            [[s.get("vote", s.get("extracted")) for s in v] for v in by_problem.values()],
+            [[bool(s["correct"]) for s in v] for v in by_problem.values()], equivalent,
+            [_vote_type(v[0].get("answer_type")) for v in by_problem.values()])) / len(by_problem),
     }
     for k in sorted(set(ks)):
         if k == 1 or k > n_min:

@@ -565,14 +565,54 @@ def _stop_all(workers: list[_Worker], wait: float = 1.0) -> None:
 # the Verifier
 # --------------------------------------------------------------------------------------------
 
+#: processes of one pod that each hold a Verifier (training ranks): torchrun and accelerate set it
+ENV_LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
+
+
+def pod_cpus(cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
+    """CPUs this pod may use: the cgroup CPU quota (a Kubernetes CPU limit; cgroup v2 ``cpu.max`` or
+    v1 ``cpu.cfs_quota_us``), rounded up, capped by the CPUs the process may run on. A node's CPU
+    count is not the pod's: a pod limited to 8 CPUs on a 96-core node sees all 96 in its affinity."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    root = Path(cgroup_root)
+    quota = period = None
+    with contextlib.suppress(OSError, ValueError):
+        fields = (root / "cpu.max").read_text().split()  # "<quota|max> <period>"
+        if fields and fields[0] != "max":
+            quota, period = int(fields[0]), int(fields[1]) if len(fields) > 1 else 100_000
+    if quota is None:
+        with contextlib.suppress(OSError, ValueError):
+            q1 = int((root / "cpu" / "cpu.cfs_quota_us").read_text().strip())
+            p1 = int((root / "cpu" / "cpu.cfs_period_us").read_text().strip())
+            if q1 > 0 and p1 > 0:
+                quota, period = q1, p1
+    if quota and period and quota > 0 and period > 0:
+        cpus = min(cpus, max(1, math.ceil(quota / period)))
+    return max(1, cpus)
+
+
+def default_workers(cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
+    """Worker processes of one Verifier by default: the pod's CPUs (`pod_cpus`) shared among the
+    processes of the pod that verify (``LOCAL_WORLD_SIZE`` training ranks each hold one), so a pod
+    runs about one worker per CPU in all, not ranks x CPUs. At least 1."""
+    try:
+        ranks = max(1, int(os.environ.get(ENV_LOCAL_WORLD_SIZE, "1") or 1))
+    except ValueError:
+        ranks = 1
+    return max(1, pod_cpus(cgroup_root) // ranks)
+
 
 class Verifier:
     """Batch verifier with a hard per-item timeout, safe to call from any thread.
 
-    `workers` processes (default: the usable CPU count; 0 means one worker, no parallelism) start
-    on first use and are reused until `close()`. Concurrent calls from several threads are
-    serialized; each call spreads its items over all workers. A worker that overruns an item by
-    `timeout` (plus a small grace) is killed and replaced; that item becomes reason "timeout".
+    `workers` processes (default: `default_workers()`, this process's share of the pod's CPUs; 0
+    means one worker, no parallelism) start on first use and are reused until `close()`. Concurrent
+    calls from several threads are serialized; each call spreads its items over all workers. A
+    worker that overruns an item by `timeout` (plus a small grace) is killed and replaced; that item
+    becomes reason "timeout".
     """
 
     def __init__(
@@ -581,11 +621,9 @@ class Verifier:
         _check_type_mode("math", mode)
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self._requested = workers  # None: the pod's share, recomputed wherever the Verifier is unpickled
         if workers is None:
-            try:
-                workers = len(os.sched_getaffinity(0))
-            except AttributeError:
-                workers = os.cpu_count() or 1
+            workers = default_workers()
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.workers = workers
@@ -607,7 +645,7 @@ class Verifier:
 
     # -- pickling: a reward object that holds a Verifier must survive being pickled -----------
     def __getstate__(self) -> dict:
-        return {"workers": self.workers, "timeout": self.timeout, "mode": self.mode, "fast_path": self.fast_path}
+        return {"workers": self._requested, "timeout": self.timeout, "mode": self.mode, "fast_path": self.fast_path}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -803,6 +841,22 @@ class Verifier:
             for w in list(self._pool):
                 assign(w)
         return results
+
+
+def equivalent_pairs(pairs: Sequence[tuple[str, str, str]], verifier: Verifier | None = None) -> list[bool]:
+    """For (a, b, answer_type) pairs of extracted answers: is b equivalent to a (a taken as the gold)?
+    The verifier's own equivalence with its hard timeout (a timeout or an `a` that does not parse is
+    "not equivalent"). Used to group answers into vote classes (cons@k)."""
+    if not pairs:
+        return []
+    own = verifier is None
+    v = verifier or Verifier(workers=min(4, default_workers()))
+    try:
+        verdicts = v._judge_prepared([(_as_gold(a), b, None, t or "math") for a, b, t in pairs])
+    finally:
+        if own:
+            v.close()
+    return [x.correct for x in verdicts]
 
 
 def _as_gold(gold: Any) -> str | None:

@@ -14,9 +14,21 @@ What it does for each prompt:
   (servers that reject ``n > 1``).
 - **reasoning**: ``reasoning_content`` (or ``reasoning``) of a chat answer is kept as
   ``Completion.reasoning``; the generate stage wraps it in ``<think>`` tags.
-- **limits**: at most ``concurrency`` requests in flight (a thread pool); a hard per-request deadline of
-  ``request_timeout_s`` (connect, headers and every read count against it, so a server that trickles
-  bytes is cut off too); a response body over ``max_response_bytes`` is abandoned mid-stream.
+- **streaming** (``stream=True``): the request asks for server-sent events (``"stream": true``, with
+  ``stream_options.include_usage`` for exact token counts) and the answer is put together from the
+  deltas (``content``, ``reasoning_content``/``reasoning``, ``text``, per choice ``index``). A streamed
+  request has no overall deadline, since a 32K-token reasoning trace takes many minutes and a
+  deadline would drop exactly the longest traces (biasing SFT towards short ones); instead it fails when
+  ``stream_idle_timeout_s`` pass without a data event (connecting and the headers count too; the
+  servers' ``: ping`` keep-alive comments do not). A stream that ends before ``[DONE]`` with a choice
+  unfinished, or that carries an ``error`` event, is a retryable failure. A server that answers a
+  streamed request with one JSON body is read as usual (each read bounded by the idle timeout).
+  llama-cpp-python's server must run with ``--interrupt_requests False`` for concurrent streams: by
+  default a new request ends the stream in progress with an empty "stop" answer.
+- **limits**: at most ``concurrency`` requests in flight (a thread pool); without streaming, a hard
+  per-request deadline of ``request_timeout_s`` (connect, headers and every read count against it, so a
+  server that trickles bytes is cut off too); a response body (or stream) over ``max_response_bytes`` is
+  abandoned mid-stream.
 - **retries**: HTTP 408/409/425/429 and 5xx, timeouts, connection errors and unparseable 200 answers
   are retried up to ``max_retries`` times with exponential backoff and jitter (``Retry-After`` is
   honoured, capped at ``max_backoff_s``). 401/403/404 stop the whole run at once (a wrong key, model or
@@ -25,16 +37,18 @@ What it does for each prompt:
   records so they are counted and dropped by the filter (reason ``engine_error``), never trained on.
 - **metrics** (a ``StageMetrics``): ``generate_requests_total`` per attempt,
   ``generate_http_errors_total{code}`` per failed attempt and ``generate_http_retries_total{code}`` per
-  retry, where code is the HTTP status or ``timeout``, ``connection``, ``bad_response``, ``too_large``.
+  retry, where code is the HTTP status or ``timeout``, ``connection``, ``bad_response``, ``too_large``,
+  ``stream_error``.
 - **API key**: ``THINKFORGE_TEACHER_API_KEY``, or the file named by ``THINKFORGE_TEACHER_API_KEY_FILE``
   (a mounted Kubernetes secret). It is sent as ``Authorization: Bearer``, is not part of ``repr()``,
   and is masked in every message this module logs, raises or stores.
 - **token counts**: exact from ``usage.completion_tokens`` when a request returns one choice; with
   several choices, counted with ``tokenizer`` when given, else ``usage`` split by character length
-  (or ~4 characters per token when the server sends no usage).
+  (when the server sends no usage: the number of text chunks of a streamed choice, else ~4 characters
+  per token).
 - **proxies**: ``HTTP(S)_PROXY``/``NO_PROXY`` are honoured (no proxy authentication).
 
-Connections are kept alive per worker thread. Streaming (SSE) is not used: a response arrives whole.
+Connections are kept alive per worker thread.
 """
 
 from __future__ import annotations
@@ -135,7 +149,8 @@ class OpenAIEngine:
                  request_timeout_s: float = 600.0, max_retries: int = 5, backoff_s: float = 1.0,
                  max_backoff_s: float = 60.0, max_response_bytes: int = 16 << 20, fan_out: bool = False,
                  tokenizer: Any = None, metrics: Any = None, api_key: str | None = None, seed: int = 0,
-                 extra_body: dict[str, Any] | None = None):
+                 extra_body: dict[str, Any] | None = None, stream: bool = False,
+                 stream_idle_timeout_s: float = 300.0):
         if api not in APIS:
             raise EngineError(f"api {api!r}: expected one of {', '.join(APIS)}")
         for name, value, low in (("concurrency", concurrency, 1), ("max_retries", max_retries, 0),
@@ -144,6 +159,8 @@ class OpenAIEngine:
                 raise EngineError(f"{name} must be >= {low}, got {value}")
         if request_timeout_s <= 0:
             raise EngineError(f"request_timeout_s must be > 0, got {request_timeout_s}")
+        if stream_idle_timeout_s <= 0:
+            raise EngineError(f"stream_idle_timeout_s must be > 0, got {stream_idle_timeout_s}")
         self.scheme, self.host, self.port, self.base_path = _base_url(endpoint)
         if not model:
             raise EngineError("engine 'openai' needs generate.endpoint_model: the model name the server serves "
@@ -154,6 +171,8 @@ class OpenAIEngine:
         self.api = api
         self.concurrency = concurrency
         self.request_timeout_s = float(request_timeout_s)
+        self.stream = bool(stream)
+        self.stream_idle_timeout_s = float(stream_idle_timeout_s)
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -175,7 +194,7 @@ class OpenAIEngine:
 
     def __repr__(self) -> str:  # never the key
         return (f"OpenAIEngine(endpoint={self.endpoint!r}, model={self.model!r}, api={self.api!r}, "
-                f"concurrency={self.concurrency}, key={'set' if self.__key else 'none'})")
+                f"concurrency={self.concurrency}, stream={self.stream}, key={'set' if self.__key else 'none'})")
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -258,8 +277,10 @@ class OpenAIEngine:
             "top_p": params.top_p,
             "max_tokens": params.max_new_tokens,
             "seed": req.seed,
-            "stream": False,
+            "stream": self.stream,
         }
+        if self.stream:
+            body["stream_options"] = {"include_usage": True}
         if self.api == "chat":
             body["messages"] = messages(problem, self.template)
         else:
@@ -338,8 +359,15 @@ class OpenAIEngine:
         return path
 
     def _post(self, body: bytes) -> dict[str, Any]:
-        deadline = time.monotonic() + self.request_timeout_s
-        headers = {"Content-Type": "application/json", "Accept": "application/json",
+        stream = self.stream
+        # Streamed: no overall deadline, but every wait (connect, headers, data) is bounded by the idle timeout.
+        deadline = None if stream else time.monotonic() + self.request_timeout_s
+
+        def budget() -> float:
+            return self.stream_idle_timeout_s if deadline is None else self._remaining(deadline)
+
+        headers = {"Content-Type": "application/json",
+                   "Accept": "text/event-stream, application/json" if stream else "application/json",
                    "User-Agent": "thinkforge"}
         if self.__key:
             headers["Authorization"] = f"Bearer {self.__key}"
@@ -350,17 +378,23 @@ class OpenAIEngine:
             try:
                 if not reused:
                     self._drop_conn()
-                    conn = self._new_conn(self._remaining(deadline))
+                    conn = self._new_conn(budget())
                     self._local.conn = conn
                 elif conn.sock is not None:
-                    conn.sock.settimeout(self._remaining(deadline))
+                    conn.sock.settimeout(budget())
                 conn.request("POST", self._path(), body=body, headers=headers)
                 sock = conn.sock
                 if sock is not None:
-                    sock.settimeout(self._remaining(deadline))
+                    sock.settimeout(budget())
                 resp = conn.getresponse()
                 started = True
-                raw = self._read_body(resp, sock, deadline)
+                ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+                if stream and resp.status == 200 and ctype == "text/event-stream":
+                    data = self._read_events(resp, sock)
+                    if resp.will_close:
+                        self._drop_conn()
+                    return data
+                raw = self._read_body(resp, sock, budget)
                 if resp.will_close:
                     self._drop_conn()
                 return self._decode(resp.status, raw, resp)
@@ -369,7 +403,9 @@ class OpenAIEngine:
                 raise
             except (socket.timeout, TimeoutError):
                 self._drop_conn()
-                raise _Fault("timeout", f"no complete answer within {self.request_timeout_s:g} s", True) from None
+                why = (f"no data for {self.stream_idle_timeout_s:g} s (stream_idle_timeout_s)" if stream
+                       else f"no complete answer within {self.request_timeout_s:g} s")
+                raise _Fault("timeout", why, True) from None
             except (http.client.HTTPException, OSError) as e:
                 self._drop_conn()
                 # A kept-alive connection the server closed while idle: try once more on a fresh one.
@@ -385,7 +421,7 @@ class OpenAIEngine:
             raise socket.timeout("deadline")
         return left
 
-    def _read_body(self, resp: http.client.HTTPResponse, sock: Any, deadline: float) -> bytes:
+    def _read_body(self, resp: http.client.HTTPResponse, sock: Any, budget: Callable[[], float]) -> bytes:
         cap = self.max_response_bytes
         length = resp.getheader("Content-Length")
         if length and length.strip().isdigit() and int(length) > cap:
@@ -393,10 +429,9 @@ class OpenAIEngine:
         chunks: list[bytes] = []
         total = 0
         while True:
+            left = budget()  # raises socket.timeout once a deadline has passed
             if sock is not None:
-                sock.settimeout(self._remaining(deadline))
-            elif time.monotonic() > deadline:
-                raise socket.timeout("deadline")
+                sock.settimeout(left)
             block = resp.read1(_READ) if hasattr(resp, "read1") else resp.read(_READ)
             if not block:
                 break
@@ -408,6 +443,103 @@ class OpenAIEngine:
             raise _Fault("connection", f"answer cut off after {total} bytes ({resp.length} missing)", True)
         resp.close()  # read1 leaves a fully read response open; the kept-alive connection needs it closed
         return b"".join(chunks)
+
+    def _read_events(self, resp: http.client.HTTPResponse, sock: Any) -> dict[str, Any]:
+        """A server-sent-event stream of completion chunks, put together into one non-streamed answer
+        (the shape `_parse` reads). Fails when `stream_idle_timeout_s` pass without a data event."""
+        cap, idle = self.max_response_bytes, self.stream_idle_timeout_s
+        choices: dict[int, dict[str, Any]] = {}
+        usage: dict[str, Any] | None = None
+        pending = b""
+        data: list[bytes] = []
+        total = 0
+        last_data = time.monotonic()
+        done = False
+        while not done:
+            left = idle - (time.monotonic() - last_data)
+            if left <= 0:
+                raise socket.timeout("idle")
+            if sock is not None:
+                sock.settimeout(left)
+            block = resp.read1(_READ) if hasattr(resp, "read1") else resp.read(_READ)
+            if not block:
+                break
+            total += len(block)
+            if total > cap:
+                raise _Fault("too_large", f"stream exceeds max_response_bytes={cap}; abandoned mid-stream", False)
+            pending += block
+            while not done:
+                nl = pending.find(b"\n")
+                if nl < 0:
+                    break
+                line, pending = pending[:nl].rstrip(b"\r"), pending[nl + 1:]
+                if line.startswith(b":"):  # a comment: keep-alive pings are not progress
+                    continue
+                if line.startswith(b"data:"):
+                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+                    continue
+                if line or not data:  # other fields (event:, id:, retry:), or a blank line between events
+                    continue
+                payload, data = b"\n".join(data), []
+                last_data = time.monotonic()
+                if payload.strip() == b"[DONE]":
+                    done = True
+                else:
+                    usage = self._stream_event(payload, choices) or usage
+        if done:  # read the rest of the response (the chunked terminator) so the connection can be reused
+            try:
+                if sock is not None:
+                    sock.settimeout(min(idle, 5.0))
+                while resp.read1(_READ) if hasattr(resp, "read1") else resp.read(_READ):
+                    pass
+            except (OSError, http.client.HTTPException):
+                self._drop_conn()  # the server kept the answer open after [DONE]: do not reuse this connection
+        elif not choices or any(c["finish"] is None for c in choices.values()):
+            raise _Fault("connection", f"stream ended before [DONE] after {total} bytes", True)
+        resp.close()
+        out = []
+        for i in sorted(choices):
+            c = choices[i]
+            if self.api == "chat":
+                out.append({"index": i, "finish_reason": c["finish"], "_deltas": c["deltas"],
+                            "message": {"role": "assistant", "content": "".join(c["text"]),
+                                        "reasoning_content": "".join(c["reasoning"])}})
+            else:
+                out.append({"index": i, "text": "".join(c["text"]), "finish_reason": c["finish"],
+                            "_deltas": c["deltas"]})
+        return {"choices": out, "usage": usage or {}}
+
+    def _stream_event(self, payload: bytes, choices: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+        """Add one chunk's deltas to `choices`; return its usage, if it carries one."""
+        try:
+            ev = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _Fault("bad_response", f"unparseable stream event ({len(payload)} bytes): {e}", True) from None
+        if not isinstance(ev, dict):
+            raise _Fault("bad_response", f"expected a JSON object in the stream, got {type(ev).__name__}", True)
+        if "error" in ev or ev.get("object") == "error":
+            err = ev.get("error", ev)
+            msg = err.get("message", err) if isinstance(err, dict) else err
+            raise _Fault("stream_error", f"error event mid-stream: {self._scrub(str(msg))[:300]}", True)
+        for ch in ev.get("choices") or ():
+            if not isinstance(ch, dict):
+                raise _Fault("bad_response", "stream event has malformed choices", True)
+            idx = ch.get("index", 0) if isinstance(ch.get("index"), int) else 0
+            slot = choices.setdefault(idx, {"text": [], "reasoning": [], "finish": None, "deltas": 0})
+            if self.api == "chat":
+                delta = ch.get("delta") if isinstance(ch.get("delta"), dict) else {}
+                content, reasoning = delta.get("content"), delta.get("reasoning_content") or delta.get("reasoning")
+            else:
+                content, reasoning = ch.get("text"), None
+            if isinstance(content, str):
+                slot["text"].append(content)
+            if isinstance(reasoning, str):
+                slot["reasoning"].append(reasoning)
+            slot["deltas"] += bool(content or reasoning)
+            if ch.get("finish_reason") is not None:
+                slot["finish"] = ch["finish_reason"]
+        usage = ev.get("usage")
+        return usage if isinstance(usage, dict) else None
 
     def _decode(self, status: int, raw: bytes, resp: http.client.HTTPResponse) -> dict[str, Any]:
         if status == 200:
@@ -479,11 +611,14 @@ class OpenAIEngine:
                 out.append(Completion(text=text, num_tokens=0, finish_reason="error", reasoning=reasoning,
                                       error=f"finish_reason {choices[i].get('finish_reason')!r}"))
                 continue
-            out.append(Completion(text=text, num_tokens=self._count(text, reasoning, total, lengths, i, len(parsed)),
+            deltas = choices[i].get("_deltas")  # streamed: chunks that carried text (~ one token each)
+            out.append(Completion(text=text, num_tokens=self._count(text, reasoning, total, lengths, i, len(parsed),
+                                                                    deltas if isinstance(deltas, int) else None),
                                   finish_reason=finish, reasoning=reasoning))
         return out
 
-    def _count(self, text: str, reasoning: str, total: int | None, lengths: list[int], i: int, k: int) -> int:
+    def _count(self, text: str, reasoning: str, total: int | None, lengths: list[int], i: int, k: int,
+               deltas: int | None = None) -> int:
         if total is not None and k == 1:
             return total
         tok = self._get_tokenizer()
@@ -491,6 +626,8 @@ class OpenAIEngine:
             return len(tok.encode(reasoning + text, add_special_tokens=False))
         if total is not None and sum(lengths):
             return round(total * lengths[i] / sum(lengths))
+        if deltas:  # a stream without usage: servers send about one token per chunk
+            return deltas
         return max(1, round((len(text) + len(reasoning)) / 4)) if (text or reasoning) else 0
 
     def _get_tokenizer(self) -> Any:

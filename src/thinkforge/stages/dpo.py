@@ -17,7 +17,7 @@ from thinkforge.config import Recipe
 from thinkforge.records import PAIR_FIELDS
 from thinkforge.stages.train import TrainResult, callbacks, checkpointing, finish, fit, load_student, read_rows, \
     training_args
-from thinkforge.templates import render_prompt, render_target
+from thinkforge.templates import render_prompt, render_target, use_end_of_turn_as_eos
 
 
 def dpo(cfg: Recipe, model_path: str | Path, pairs_path: str | Path, out_dir: str | Path,
@@ -28,6 +28,8 @@ def dpo(cfg: Recipe, model_path: str | Path, pairs_path: str | Path, out_dir: st
     t = cfg.dpo
     start = time.time()
     model, tok = load_student(cfg, model_path)
+    # Targets close with the chat template's end-of-turn token; TRL closes them with eos_token: make them one.
+    use_end_of_turn_as_eos(tok, model)
     precompute = t.precompute_ref_log_probs
     ref_model = None if precompute else load_student(cfg, model_path)[0]  # the incoming (SFT) model, frozen
     rows = read_rows(pairs_path, PAIR_FIELDS, "dpo")

@@ -18,6 +18,11 @@ Each rollout gets exactly one verdict reason, the first that applies, in this or
 "Earlier" means earlier in the rollouts file (which the generate stage writes in source order), so
 deduplication keeps the first copy and is deterministic.
 
+**Think tags** are normalized before anything else: a completion that closes its thinking with
+``</think>`` but never opened it (DeepSeek-R1 through a chat API: the opening tag sat in the prompt) gets
+its ``<think>`` back (``thinkforge.templates.normalize_think``), so no training target starts mid-thought
+and the final answer is read after ``</think>``; ``summary.json`` counts them (``normalized_think``).
+
 **Decontamination** (``filter.decontaminate``): every problem of every evaluation set in
 ``evaluate.benchmarks`` (loaded by ``thinkforge.evalsets`` as evaluation loads it, catalog default
 sources included; the whole set, not only the evaluated ``limit``) plus the prompt sources in
@@ -47,12 +52,18 @@ Outputs (record formats in thinkforge.records):
        domain, so no domain crowds out the others; uncapped, every problem's picks are kept.
 - ``dpo.jsonl``: preference pairs from the same problem, at most ``filter.dpo_pairs_per_prompt`` per
   problem (balanced: no problem dominates), each rollout used once. Chosen = an accepted rollout
-  (shortest first); rejected = a rollout of that problem whose answer is wrong, complete wrong answers
-  first, then the one closest in length to the chosen, so the pair teaches correctness, not length.
-  Rollouts of rejected problems (prompt-level reasons) and engine errors are never used.
+  (shortest first); rejected = a complete wrong answer of that problem (reason ``wrong_answer``: it
+  ended by itself, gave an answer, and the answer verifies as wrong), the one closest in length to the
+  chosen, so the pair teaches correctness, not length. Truncated, timed-out, looping, unfinished,
+  answerless and over-long rollouts are never rejected samples (the pair would teach "finish" or "be
+  short" instead of "be right"); a problem without a complete wrong answer gives no pair. Rollouts of
+  rejected problems (prompt-level reasons) and engine errors are never used.
 - ``rl_prompts.jsonl``: every kept problem with its pass rate, mean completion length, length spread
   (``length_std`` and ``length_cv`` = std / mean), sample count, domain and difficulty
-  (hard < 1/3 <= medium < 2/3 <= easy, by pass rate)
+  (hard < 1/3 <= medium < 2/3 <= easy, by pass rate); except problems whose reference answer does not
+  parse (``unverifiable_gold``: every RL rollout would score -1) and problems the teacher solved 0 of k
+  times (often a wrong reference), unless ``filter.rl_keep_unverifiable_gold`` /
+  ``filter.rl_keep_unsolved`` opt in; ``summary.json`` counts them in ``rl_dropped``
 - ``verdicts.jsonl``: every rollout with its verdict (``reason``, ``correct``, ``answer_correct``,
   ``extracted``, ``rule``, ``domain``, ``difficulty``; for prompt-level rejections ``matched``: the
   ``benchmark:problem_id`` it overlaps or the id of the copy that was kept)
@@ -78,6 +89,7 @@ from thinkforge.config import Recipe
 from thinkforge.metrics import StageMetrics
 from thinkforge.progress import progress
 from thinkforge.records import ROLLOUT_FIELDS, EmptyDataError, iter_jsonl, write_json, write_jsonl
+from thinkforge.templates import normalize_think
 from thinkforge.verify import Verifier
 
 VERIFY_CHUNK = 512
@@ -104,6 +116,8 @@ class FilterResult:
     length_histogram: list[int] = field(default_factory=list)  # all sampled rollouts, by num_tokens
     kept_length_histogram: list[int] = field(default_factory=list)  # accepted ones, same bins
     contamination: dict[str, int] = field(default_factory=dict)  # contaminated problems per benchmark
+    rl_dropped: dict[str, int] = field(default_factory=dict)  # problems left out of the RL pool, by why
+    normalized_think: int = 0  # completions whose missing <think> opening tag was restored
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +375,12 @@ def filter_rollouts(cfg: Recipe, rollouts_path: str | Path, out_dir: str | Path,
     m = metrics or StageMetrics.disabled("filter")
     f = cfg.filter
     rollouts = list(iter_jsonl(rollouts_path, ROLLOUT_FIELDS))
+    normalized = 0
+    for r in rollouts:  # before any check: a target must never start mid-thought
+        fixed = normalize_think(r["completion"])
+        if fixed != r["completion"]:
+            r["completion"] = fixed
+            normalized += 1
     index = build_contamination_index(cfg) if f.decontaminate else None
     prompt_reason, per_bench = _prompt_reasons(rollouts, cfg, index)
 
@@ -412,6 +432,7 @@ def filter_rollouts(cfg: Recipe, rollouts_path: str | Path, out_dir: str | Path,
         )
 
     stats: dict[str, dict[str, Any]] = {}
+    rl_out: dict[str, str] = {}  # problem id -> why it stays out of the RL pool
     for pid, rows in by_problem.items():
         # Pass rate counts a correct final answer; the RL stage samples its own lengths later.
         lengths = [r.get("num_tokens", 0) for r in rows]
@@ -421,6 +442,11 @@ def filter_rollouts(cfg: Recipe, rollouts_path: str | Path, out_dir: str | Path,
         stats[pid] = {"pass_rate": rate, "mean_length": mean_len, "length_std": std,
                       "length_cv": std / mean_len if mean_len else 0.0, "n_samples": len(rows),
                       "domain": domain_of(rows[0]), "difficulty": difficulty_of(rate)}
+        if any(r["reason"] == "unverifiable_gold" for r in rows):
+            if not f.rl_keep_unverifiable_gold:
+                rl_out[pid] = "unverifiable_gold"
+        elif rate == 0 and not f.rl_keep_unsolved:
+            rl_out[pid] = "unsolved"
     for row in annotated:
         if row["problem_id"] in stats:
             row["difficulty"] = stats[row["problem_id"]]["difficulty"]
@@ -431,8 +457,13 @@ def filter_rollouts(cfg: Recipe, rollouts_path: str | Path, out_dir: str | Path,
     rl_prompts = [
         {"id": pid, "problem": by_problem[pid][0]["problem"], "answer": by_problem[pid][0]["answer"],
          "answer_type": by_problem[pid][0].get("answer_type", "math"), **s}
-        for pid, s in stats.items()
+        for pid, s in stats.items() if pid not in rl_out
     ]
+    rl_dropped = Counter(rl_out.values())
+    if rl_out:
+        log.info("RL pool: left out %d problems with an unverifiable reference answer and %d the teacher never "
+                 "solved (filter.rl_keep_unverifiable_gold / filter.rl_keep_unsolved keep them)",
+                 rl_dropped["unverifiable_gold"], rl_dropped["unsolved"])
     hist = [0] * 5
     for s in stats.values():
         hist[min(4, int(s["pass_rate"] * 5))] += 1
@@ -447,7 +478,8 @@ def filter_rollouts(cfg: Recipe, rollouts_path: str | Path, out_dir: str | Path,
     write_jsonl(out / "rl_prompts.jsonl", rl_prompts)
     result = FilterResult(len(rollouts), len(accepted), {k: counts.get(k, 0) for k in ("correct", *REJECT_ORDER)},
                           len(sft), len(pairs), len(rl_prompts), hist, edges, _histogram(sampled_lengths, edges),
-                          _histogram(kept_lengths, edges), dict(sorted(per_bench.items())))
+                          _histogram(kept_lengths, edges), dict(sorted(per_bench.items())),
+                          {k: rl_dropped.get(k, 0) for k in ("unverifiable_gold", "unsolved")}, normalized)
     write_json(out / "summary.json", result.__dict__)
     return result
 
@@ -505,13 +537,13 @@ def _pairs(by_problem: dict[str, list[dict[str, Any]]], per_prompt: int) -> list
     pairs = []
     for pid, rows in by_problem.items():
         good = sorted((r for r in rows if r["correct"]), key=_shortest_first)
-        bad = [r for r in rows if not r["answer_correct"]]
+        # Complete wrong answers only: never a truncated, timed-out or otherwise unfinished rollout.
+        bad = [r for r in rows if r["reason"] == "wrong_answer" and not r["answer_correct"]]
         for g in good[:per_prompt]:
             if not bad:
                 break
-            # Complete wrong answers first; then closest in length to the chosen (no length shortcut).
-            b = min(bad, key=lambda r: (r["reason"] != "wrong_answer",
-                                        abs(r.get("num_tokens", 0) - g.get("num_tokens", 0)), r["sample_index"]))
+            # The closest in length to the chosen (no length shortcut).
+            b = min(bad, key=lambda r: (abs(r.get("num_tokens", 0) - g.get("num_tokens", 0)), r["sample_index"]))
             bad.remove(b)
             pairs.append({"problem_id": pid, "problem": g["problem"], "chosen": g["completion"],
                           "rejected": b["completion"]})
@@ -544,6 +576,7 @@ def html_report(result: FilterResult) -> str:
                      f"{bars(list(zip(length_labels, result.kept_length_histogram)), '#4a7')}")
     if result.contamination:
         parts.append(f"<h3>Contaminated problems by benchmark</h3>{bars(list(result.contamination.items()), '#a44')}")
-    parts.append(f"<p>SFT examples {result.sft}, DPO pairs {result.dpo_pairs}, RL prompts {result.rl_prompts}</p>"
-                 "</body></html>")
+    left_out = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in result.rl_dropped.items() if v)
+    parts.append(f"<p>SFT examples {result.sft}, DPO pairs {result.dpo_pairs}, RL prompts {result.rl_prompts}"
+                 f"{f' (left out: {left_out})' if left_out else ''}</p></body></html>")
     return "".join(parts)

@@ -66,6 +66,7 @@ from thinkforge.metrics import StageMetrics
 from thinkforge.progress import progress
 from thinkforge.records import RecordError, iter_jsonl, write_json, write_jsonl
 from thinkforge.sources import load_problems
+from thinkforge.templates import normalize_think
 
 log = logging.getLogger("thinkforge.generate")
 
@@ -396,7 +397,9 @@ def generate(cfg: Recipe, out_path: str | Path, teacher_path: str | None = None,
                     outs = engine.generate([p["problem"] for p in group], params, progress=advance)
                     for p, comps in zip(group, outs):
                         for i, c in zip(indices, comps):
-                            text = f"<think>\n{c.reasoning}\n</think>\n\n{c.text}" if c.reasoning else c.text
+                            # R1 through a chat API: "...</think>answer", the opening tag sat in the prompt
+                            text = f"<think>\n{c.reasoning}\n</think>\n\n{c.text}" if c.reasoning \
+                                else normalize_think(c.text)
                             records.append(rollout_record(p, i, text, c.finish_reason, c.num_tokens, label,
                                                           error=c.error))
                 path = store.add(records)
@@ -457,7 +460,8 @@ def _make_engine(cfg: Recipe, teacher: Any, metrics: StageMetrics) -> Any:
         http = dict(api=g.api, concurrency=g.concurrency, request_timeout_s=g.request_timeout_s,
                     max_retries=g.max_retries, backoff_s=g.retry_backoff_s,
                     max_response_bytes=g.max_response_bytes, fan_out=g.fan_out,
-                    tokenizer=g.completions_tokenizer or None, metrics=metrics)
+                    tokenizer=g.completions_tokenizer or None, metrics=metrics, stream=g.stream,
+                    stream_idle_timeout_s=g.stream_idle_timeout_s)
     return make_engine(g.engine, teacher, cfg.template, dtype=g.dtype, batch_size=g.batch_size,
                        trust_remote_code=cfg.model.trust_remote_code, tensor_parallel_size=g.tensor_parallel_size,
                        endpoint=g.endpoint, endpoint_model=g.endpoint_model, seed=cfg.run.seed, **http)

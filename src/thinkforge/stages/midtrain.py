@@ -7,8 +7,12 @@
   how long to train (the stream restarts for each further epoch).
 - Validation: a held-out share of the problems (chosen by a hash of the problem id, so every rollout
   of one problem falls on the same side and the split is the same on every restart) gives a
-  validation loss every ``eval_steps`` steps; training stops when it saturates: no improvement of at
-  least ``early_stopping_min_delta`` for ``early_stopping_patience`` evaluations in a row.
+  validation loss every ``eval_steps`` steps; the result reports every one, and the best with its step
+  (``best_eval_loss``, ``best_eval_step``).
+- Early stopping only when asked: by default (``early_stopping_patience: 0``) the planned epochs all
+  run (the paper distils for 5 epochs; a validation loss that wobbles early must not cut that short).
+  With a patience > 0 training stops once the loss saturates: no improvement of at least
+  ``early_stopping_min_delta`` for ``early_stopping_patience`` evaluations in a row.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from thinkforge.config import Recipe
 from thinkforge.records import SFT_FIELDS, EmptyDataError, iter_jsonl
 from thinkforge.stages.train import TrainResult, callbacks, checkpointing, finish, fit, load_student, read_rows, \
     training_args
-from thinkforge.templates import render_prompt, render_target
+from thinkforge.templates import render_prompt, render_target, use_end_of_turn_as_eos
 
 
 def held_out(problem_id: str, fraction: float, seed: int = 0) -> bool:
@@ -86,6 +90,8 @@ def midtrain(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir
     t = cfg.midtrain
     start = time.time()
     model, tok = load_student(cfg, model_path)
+    # Targets close with the chat template's end-of-turn token; TRL closes them with eos_token: make them one.
+    use_end_of_turn_as_eos(tok, model)
     seed = cfg.run.seed
 
     def text(r: dict[str, Any]) -> str:
@@ -128,8 +134,11 @@ def midtrain(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir
                          callbacks=cbs)
     info = fit(trainer, cfg, "midtrain", t, model_path, data_path, Path(out_dir) / "trainer", metrics)
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    best = min((h for h in trainer.state.log_history if "eval_loss" in h), key=lambda h: h["eval_loss"], default=None)
     # The stopper in the trainer's list is the live one (a resumed run restores its state into it).
     live = next((c for c in trainer.callback_handler.callbacks if type(c).__name__ == "ValidationSaturation"), stopper)
     packed = None if t.streaming else len(trainer.train_dataset)
     return finish(trainer, tok, out_dir, examples, start, validation_examples=len(val_rows), sequences=packed,
-                  eval_losses=evals, stopped_early_at=getattr(live, "stopped_at", None), **info)
+                  eval_losses=evals, stopped_early_at=getattr(live, "stopped_at", None),
+                  best_eval_loss=best["eval_loss"] if best else None, best_eval_step=best.get("step") if best else None,
+                  **info)

@@ -10,7 +10,7 @@ from thinkforge.config import Recipe
 from thinkforge.records import SFT_FIELDS
 from thinkforge.stages.train import TrainResult, callbacks, checkpointing, finish, fit, load_student, read_rows, \
     training_args
-from thinkforge.templates import render_prompt, render_target
+from thinkforge.templates import render_prompt, render_target, use_end_of_turn_as_eos
 
 
 def sft(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir: str | Path,
@@ -21,6 +21,8 @@ def sft(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir: str
     t = cfg.sft
     start = time.time()
     model, tok = load_student(cfg, model_path)
+    # Targets close with the chat template's end-of-turn token; TRL closes them with eos_token: make them one.
+    use_end_of_turn_as_eos(tok, model)
     rows = read_rows(data_path, SFT_FIELDS, "sft")
     data = Dataset.from_dict({
         "prompt": [render_prompt(tok, r["problem"], cfg.template) for r in rows],
