@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -176,14 +178,143 @@ def test_restore_skips_incomplete_and_corrupt(object_store: ObjectStore, s3_serv
     assert got == tmp_path / "restore2" / "checkpoint-2"
 
 
-def test_prune_keeps_newest_complete_and_drops_leftovers(object_store: ObjectStore, tmp_path: Path) -> None:
+def test_prune_keeps_newest_complete_and_drops_own_leftovers(object_store: ObjectStore, tmp_path: Path) -> None:
     for step in (1, 2, 3, 10):
         object_store.upload_dir(fake_checkpoint(tmp_path, step), f"r/ck/checkpoint-{step}")
-    object_store.upload_file(tmp_path / "checkpoint-1" / "model.safetensors", "r/ck/checkpoint-11/model.safetensors")
+    for step in (11, 12):  # two uploads that never finished: 11 is the caller's own, 12 someone else's
+        object_store.upload_file(tmp_path / "checkpoint-1" / "model.safetensors",
+                                 f"r/ck/checkpoint-{step}/model.safetensors")
     object_store.put_json("r/ck/not-a-checkpoint/x.json", {})
-    deleted = prune(object_store, "r/ck", keep=2)
+    deleted = prune(object_store, "r/ck", keep=2, owned={"r/ck/checkpoint-11"})
     assert sorted(deleted) == ["r/ck/checkpoint-1", "r/ck/checkpoint-11", "r/ck/checkpoint-2"]
-    assert object_store.list_prefixes("r/ck") == ["r/ck/checkpoint-10", "r/ck/checkpoint-3", "r/ck/not-a-checkpoint"]
+    assert object_store.list_prefixes("r/ck") == ["r/ck/checkpoint-10", "r/ck/checkpoint-12", "r/ck/checkpoint-3",
+                                                  "r/ck/not-a-checkpoint"]
+
+
+def test_two_writers_on_one_prefix_never_prune_each_others_uploads(s3_server, object_store: ObjectStore,
+                                                                   tmp_path: Path) -> None:
+    """Writer A is in the middle of uploading checkpoint-6 when writer B (same prefix: a second run of the
+    same recipe, or a retried task while the old pod still runs) finishes checkpoint-4 and prunes. B
+    leaves A's in-progress upload alone; A completes it and it downloads verified. Each writer still
+    prunes its own failed uploads."""
+    import threading
+
+    a_store = s3_server.store(object_store.bucket, create=False)  # A's own client, like another pod
+    a, b = CheckpointSync(a_store, "r/ck", keep=1), CheckpointSync(object_store, "r/ck", keep=1)
+    ck6 = fake_checkpoint(tmp_path / "a", 6)
+    for i in range(3):
+        (ck6 / f"optimizer-{i}.pt").write_bytes(os.urandom(1024))
+    started, go_on = threading.Event(), threading.Event()
+    real_upload = a_store.upload_file
+
+    def paused_upload(local, key, *args, **kwargs):  # A's first object lands, then A stalls
+        real_upload(local, key, *args, **kwargs)
+        if not started.is_set():
+            started.set()
+            assert go_on.wait(60)
+
+    a_store.upload_file = paused_upload
+    errors: list[BaseException] = []
+
+    def run_a() -> None:
+        try:
+            a.sync(ck6, 6)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=run_a)
+    t.start()
+    try:
+        assert started.wait(60)
+        in_flight = object_store.list_keys("r/ck/checkpoint-6")
+        assert in_flight and not object_store.is_complete("r/ck/checkpoint-6")
+        b.sync(fake_checkpoint(tmp_path / "b", 4), 4)  # B's prune: keep=1 complete, and its own leftovers
+        assert set(in_flight) <= set(object_store.list_keys("r/ck/checkpoint-6")), "B deleted A's upload"
+    finally:
+        go_on.set()
+        t.join(60)
+    assert not errors, errors
+    got = object_store.download_dir("r/ck/checkpoint-6", tmp_path / "dl")  # complete and sha256-verified
+    assert (got / "optimizer-2.pt").read_bytes() == (ck6 / "optimizer-2.pt").read_bytes()
+
+    # B's own upload of step 8 fails midway; B's next successful save prunes that leftover, not A's.
+    ck8 = fake_checkpoint(tmp_path / "b", 8)
+    real_b = object_store.upload_file
+    calls = []
+
+    def failing(local, key, *args, **kwargs):
+        calls.append(key)
+        if len(calls) == 2:
+            raise StorageError(f"upload {key} failed (injected)")
+        return real_b(local, key, *args, **kwargs)
+
+    object_store.upload_file = failing
+    with pytest.raises(StorageError, match="injected"):
+        b.sync(ck8, 8)
+    del object_store.upload_file
+    assert object_store.list_keys("r/ck/checkpoint-8") and not object_store.is_complete("r/ck/checkpoint-8")
+    a_store.upload_file = real_upload
+    a_store.upload_file(ck6 / "model.safetensors", "r/ck/checkpoint-9/model.safetensors")  # A, in flight
+    b.sync(fake_checkpoint(tmp_path / "b", 10), 10)
+    assert [(s, ok) for s, _, ok in remote_checkpoints(object_store, "r/ck")] == [(9, False), (10, True)]
+
+
+def real_checkpoint(root: Path, step: int):
+    """A checkpoint directory like the Trainer's (safetensors weights, trainer state, torch-saved optimizer
+    and RNG state) of a tiny torch module; returns (dir, module)."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    module = torch.nn.Linear(4, 3)
+    d = root / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(d / "model.safetensors"))
+    (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    torch.save({"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}, d / "optimizer.pt")
+    torch.save({"python": (3, (1, 2), None), "cpu": torch.get_rng_state()}, d / "rng_state.pth")
+    return d, module
+
+
+def test_check_loadable_names_what_does_not_load(tmp_path: Path) -> None:
+    import torch
+
+    from thinkforge.checkpoints import CheckpointLoadError, check_loadable
+
+    d, module = real_checkpoint(tmp_path, 2)
+    check_loadable(d, module)
+    bad = {
+        "model.safetensors": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),  # truncated
+        "optimizer.pt": lambda p: p.write_bytes(b"PK\x03\x04 not really a zip"),
+        "trainer_state.json": lambda p: p.write_text('{"global_step": '),
+    }
+    for name, damage in bad.items():
+        d2, _ = real_checkpoint(tmp_path / name, 2)
+        damage(d2 / name)
+        with pytest.raises(CheckpointLoadError, match=re.escape(str(d2 / name))):
+            check_loadable(d2, module)
+    with pytest.raises(CheckpointLoadError, match="has shape"):  # another architecture's weights
+        check_loadable(d, torch.nn.Linear(4, 5))
+
+
+def test_restore_falls_back_from_a_checkpoint_that_verifies_but_does_not_load(object_store: ObjectStore,
+                                                                            tmp_path: Path, caplog) -> None:
+    from thinkforge.checkpoints import check_loadable, restore
+
+    for step in (2, 4):
+        d, module = real_checkpoint(tmp_path / "local", step)
+        if step == 4:  # written broken and uploaded as is: every sha256 matches the manifest
+            (d / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+        object_store.upload_dir(d, f"r/ck/checkpoint-{step}")
+    caplog.set_level(logging.ERROR, logger="thinkforge.checkpoints")
+    got = restore(object_store, "r/ck", tmp_path / "restore", check=lambda p: check_loadable(p, module))
+    assert got.step == 2 and got.path == tmp_path / "restore" / "checkpoint-2"
+    assert [s["step"] for s in got.skipped] == [4] and "does not load" in got.skipped[0]["reason"]
+    assert not (tmp_path / "restore" / "checkpoint-4").exists()  # no local rank can pick it up
+    msg = caplog.text
+    assert f"s3://{object_store.bucket}/r/ck/checkpoint-4 verifies but does not load" in msg
+    assert "falling back to the previous complete checkpoint" in msg
+    # without the check (today's restore) the broken one is what a retry would resume from
+    assert restore_latest(object_store, "r/ck", tmp_path / "plain") == tmp_path / "plain" / "checkpoint-4"
 
 
 def test_upload_failure_policy(s3_server, tmp_path: Path) -> None:

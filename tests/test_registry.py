@@ -198,3 +198,103 @@ def test_publish_stage_reads_artifacts_and_can_be_off(tmp_path, model_dir):
                                                            "sha256": sha256_file(summary), "size": 11}
     off = publish_stage(make_cfg(enabled=False), model_dir, {"final": final})
     assert off == {"published": False, "promoted": False, "reason": "registry off (registry.enabled=false)"}
+
+
+# ------------------------------------------------------------------------------------------ retries
+
+
+class Died(RuntimeError):
+    """The publish task's pod went away here."""
+
+
+def dies_at(monkeypatch, backend, fragment):
+    """The next write of a key containing ``fragment`` kills the attempt (after nothing of it was written)."""
+    real = backend.put_bytes
+
+    def put(key, data, *a, **kw):
+        if fragment in key:
+            raise Died(f"killed before writing {key}")
+        return real(key, data, *a, **kw)
+
+    monkeypatch.setattr(backend, "put_bytes", put)
+
+
+def test_a_retried_publish_whose_first_attempt_moved_the_champion_finishes_that_version(backend, model_dir,
+                                                                                        monkeypatch):
+    """Attempt 1 of run-abc publishes, wins the gate, moves champion.json, and dies before recording its
+    decision. The retry (same KFP run, same model) finds that version and reports it promoted, instead
+    of publishing a twin that "does not beat the champion"."""
+    cfg = make_cfg()
+    reg = Registry.for_recipe(cfg, backend)
+    old = publish(cfg, model_dir, {"final": results(cfg, 0.25)}, kfp_run="run-000", backend=backend)
+    dies_at(monkeypatch, backend, "/decisions/")
+    with pytest.raises(Died):
+        publish(cfg, model_dir, {"final": results(cfg, 0.75)}, kfp_run="run-abc", backend=backend)
+    monkeypatch.undo()
+    [first] = [v for v in reg.versions() if v != old["version"]]
+    assert reg.champion()[0]["version"] == first  # the pointer moved before the attempt died
+
+    retry = publish(cfg, model_dir, {"final": results(cfg, 0.75)}, kfp_run="run-abc", backend=backend)
+    assert retry["version"] == first and retry["promoted"], retry["reason"]
+    assert retry["reason"].startswith("wp pass@1 75.0% beats the champion") and "earlier attempt" in retry["reason"]
+    assert retry["gate"]["champion_version"] == old["version"]
+    assert reg.versions() == sorted([old["version"], first]) and reg.champion()[0]["version"] == first
+    assert reg.get_json(reg.key("decisions", f"{first}.json"))["promoted"] is True
+    assert "| wp | 4 | 2 | 75.0% ± 10.0 |" in retry["card"]
+
+    again = publish(cfg, model_dir, {"final": results(cfg, 0.75)}, kfp_run="run-abc", backend=backend)
+    assert {k: again[k] for k in ("version", "promoted", "reason")} == \
+        {k: retry[k] for k in ("version", "promoted", "reason")}  # the recorded decision, as it is
+    assert reg.versions() == sorted([old["version"], first])
+
+
+def test_a_retried_publish_after_a_kill_mid_upload_completes_the_same_entry(backend, model_dir, monkeypatch):
+    """Attempt 1 dies between the weights and the manifest: the retry finishes that entry (one version,
+    complete, promoted), it does not leave a dead half entry beside a new one."""
+    cfg = make_cfg()
+    reg = Registry.for_recipe(cfg, backend)
+    dies_at(monkeypatch, backend, "MODEL_CARD.md")
+    with pytest.raises(Died):
+        publish(cfg, model_dir, {"final": results(cfg, 0.5)}, kfp_run="run-xyz", backend=backend)
+    monkeypatch.undo()
+    [started] = backend.list_children(reg.key("versions"))
+    assert reg.versions() == []
+
+    uploads = []
+    real_upload = backend.upload_dir
+    monkeypatch.setattr(backend, "upload_dir", lambda local, key: uploads.append(key) or real_upload(local, key))
+    retry = publish(cfg, model_dir, {"final": results(cfg, 0.5)}, kfp_run="run-xyz", backend=backend)
+    assert retry["version"] == started and retry["promoted"]
+    assert uploads == []  # the weights the first attempt uploaded (complete, same digest) are kept
+    assert backend.list_children(reg.key("versions")) == [started] and reg.versions() == [started]
+    assert reg.manifest(started)["run"]["kfp_run"] == "run-xyz"
+    assert reg.champion()[0]["version"] == started
+
+
+def test_the_version_is_derived_from_the_kfp_run_and_the_model(tmp_path, model_dir):
+    """Another KFP run, or another model in the same run, is another version; no run id (a local run
+    outside KFP) is a new version every time."""
+    backend = LocalBackend(tmp_path / "registry")
+    cfg = make_cfg()
+    a = publish(cfg, model_dir, {"final": results(cfg, 0.5)}, kfp_run="run-1", backend=backend)
+    b = publish(cfg, model_dir, {"final": results(cfg, 0.5)}, kfp_run="run-2", backend=backend)
+    (model_dir / "model.safetensors").write_bytes(os.urandom(4096))
+    c = publish(cfg, model_dir, {"final": results(cfg, 0.5)}, kfp_run="run-1", backend=backend)
+    d, e = (publish(cfg, model_dir, {"final": results(cfg, 0.5)}, backend=backend) for _ in range(2))
+    assert len({x["version"] for x in (a, b, c, d, e)}) == 5
+    assert a["promoted"] and not b["promoted"] and "does not beat the champion" in b["reason"]
+
+
+def test_symlinks_in_a_published_model_are_refused(backend, model_dir, tmp_path):
+    """A link in the model directory (to a mounted Secret, say) is refused, not followed: nothing of
+    its target reaches the registry and no version is complete."""
+    secret = tmp_path / "token"
+    secret.write_text("hf_SECRET_TOKEN_VALUE")
+    (model_dir / "tokenizer.json").symlink_to(secret)
+    cfg = make_cfg()
+    with pytest.raises(ValueError, match=r"tokenizer\.json is a symbolic link"):
+        publish(cfg, model_dir, {"final": results(cfg, 0.5)}, kfp_run="run-1", backend=backend)
+    reg = Registry.for_recipe(cfg, backend)
+    assert reg.versions() == [] and reg.champion() == (None, None)
+    for v in backend.list_children(reg.key("versions")):
+        assert backend.get_bytes(f"{reg.entry(v)}/model/tokenizer.json") is None

@@ -115,6 +115,34 @@ def test_manifest_is_written_last(object_store: ObjectStore, tmp_path: Path) -> 
     assert sorted(rec.writes[:-1]) == sorted(f"p/ck/{k}" for k in make_tree(tmp_path / "again"))
 
 
+@pytest.mark.parametrize("kind", ["file", "directory", "dangling"])
+def test_symlinks_inside_an_uploaded_directory_are_refused(object_store: ObjectStore, tmp_path: Path,
+                                                           kind: str) -> None:
+    """A link inside a directory being uploaded (to a mounted Secret, to another directory, to nothing)
+    is refused before anything is written, never followed: its target never reaches the bucket."""
+    secret_dir = tmp_path / "mounted-secret"
+    secret_dir.mkdir()
+    (secret_dir / "token").write_text("SECRET-TOKEN-VALUE")
+    src = tmp_path / "src"
+    make_tree(src)
+    link = src / "nested" / "leak"
+    target = {"file": secret_dir / "token", "directory": secret_dir, "dangling": tmp_path / "gone"}[kind]
+    link.symlink_to(target, target_is_directory=kind == "directory")
+    make_tree(tmp_path / "old")
+    object_store.upload_dir(tmp_path / "old", "p/ck")  # a complete earlier copy
+    with pytest.raises(ValueError, match=rf"{link} is a symbolic link"):
+        object_store.upload_dir(src, "p/ck")
+    keys = object_store.list_keys("p")
+    assert not any("leak" in k for k in keys)
+    assert all(b"SECRET-TOKEN-VALUE" not in object_store.get_bytes(k) for k in keys)
+    assert object_store.is_complete("p/ck")  # refused up front: the earlier copy is untouched
+
+    # the directory itself may be a link (a mounted artifact path); only links inside it are refused
+    link.unlink()
+    (tmp_path / "via").symlink_to(src, target_is_directory=True)
+    assert set(object_store.upload_dir(tmp_path / "via", "p/ok")["files"]) == set(make_tree(tmp_path / "again"))
+
+
 def test_rewriting_a_prefix_clears_its_marker_first(object_store: ObjectStore, tmp_path: Path) -> None:
     make_tree(tmp_path / "src")
     object_store.upload_dir(tmp_path / "src", "p/ck")

@@ -16,6 +16,13 @@ Layout (the same in MinIO/S3 under `storage.bucket`, and in a local directory wh
 so names cannot escape their prefix. A champion only ever points at a complete entry: the manifest is
 written before the pointer moves.
 
+Versions are `<UTC time>-<config digest>-<id>`. Published from a KFP run (`kfp_run`, the pipeline job
+id, which a retried task keeps), `<id>` is derived from the run id and the model's tree digest, so a
+retried publish finds the version its earlier attempt started and finishes it instead of publishing a
+twin: what is already complete (the model, the entry) is kept, a pointer the earlier attempt already
+moved to this version counts as this version's promotion, and a decision already recorded is returned
+as it is. Without a run id (a local run outside KFP) `<id>` is random: every call is a new version.
+
 The gate compares the candidate with the champion on `registry.benchmark`/`registry.metric` (default:
 the first benchmark's pass@1) and promotes only when the candidate is higher by more than
 `registry.margin`. Numbers measured under different protocols (benchmark source, limit, answer type,
@@ -45,7 +52,7 @@ from typing import Any, Iterator
 
 from thinkforge.config import Recipe
 from thinkforge.scoring import paired_bootstrap
-from thinkforge.storage import MANIFEST, safe_key, split_prefix
+from thinkforge.storage import MANIFEST, raise_for_disk, replace_dir, safe_key, split_prefix, upload_files
 
 log = logging.getLogger("thinkforge.registry")
 
@@ -125,24 +132,69 @@ class LocalBackend:
             return None
 
     def upload_dir(self, local: Path, key: str) -> dict[str, Any]:
+        """Copy a directory in (its manifest last). Symbolic links inside it are refused, not followed."""
         dest = self._path(key)
+        listed = upload_files(local)  # ValueError on a link, before anything is written
         (dest / MANIFEST).unlink(missing_ok=True)
-        files = dir_files(local)
-        for rel in files:
+        files: dict[str, dict[str, Any]] = {}
+        for path, rel in listed:
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local / rel, target)
+            try:
+                shutil.copyfile(path, target)
+            except OSError as e:
+                raise_for_disk(e, target, f"copying {path} into the registry")
+                raise
+            files[rel] = {"size": target.stat().st_size, "sha256": sha256_file(target)}
         manifest = {"version": 1, "created": time.time(), "files": files,
                     "total_bytes": sum(f["size"] for f in files.values())}
         self._write(f"{key}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
         return manifest
 
+    def dir_manifest(self, key: str) -> dict[str, Any] | None:
+        """The manifest of a complete directory at `key`, or None."""
+        data = self.get_bytes(f"{key}/{MANIFEST}")
+        try:
+            return json.loads(data) if data is not None else None
+        except ValueError:
+            return None
+
     def download_dir(self, key: str, local: Path) -> Path:
+        """Copy a complete directory out to `local` (replaced if it exists), each file checked against the
+        manifest. The copy lands in a temporary sibling renamed into place when complete: a failed copy (a
+        full disk) leaves nothing at `local` and names the file it could not write."""
         src = self._path(key)
-        if not (src / MANIFEST).exists():
+        m = self.dir_manifest(key)
+        if m is None or not isinstance(m.get("files"), dict):
             raise RegistryError(f"{src}: no {MANIFEST} (incomplete entry)")
-        shutil.copytree(src, local, dirs_exist_ok=True)
-        return local
+        dest = Path(local)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+        try:
+            for rel, meta in m["files"].items():
+                source, target = self._path(f"{key}/{rel}"), tmp / rel
+                if not target.resolve().is_relative_to(tmp.resolve()):
+                    raise RegistryError(f"{src}: manifest entry {rel!r} escapes the directory")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    shutil.copyfile(source, target)
+                except OSError as e:
+                    raise_for_disk(e, target, f"copying {source} out of the registry into {dest}; the partial "
+                                              "copy was removed and nothing there looks complete")
+                    raise
+                if target.stat().st_size != meta.get("size") or sha256_file(target) != meta.get("sha256"):
+                    raise RegistryError(f"{source}: does not match its manifest (size or sha256); corrupt entry")
+            try:
+                (tmp / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True))
+            except OSError as e:
+                raise_for_disk(e, tmp / MANIFEST, f"copying {src} out of the registry into {dest}; the partial "
+                                                  "copy was removed and nothing there looks complete")
+                raise
+            replace_dir(tmp, dest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return dest
 
     def list_children(self, key: str) -> list[str]:
         p = self._path(key)
@@ -203,6 +255,14 @@ class S3Backend:
 
     def download_dir(self, key: str, local: Path) -> Path:
         return self.store.download_dir(key, local)
+
+    def dir_manifest(self, key: str) -> dict[str, Any] | None:
+        from thinkforge.storage import IncompleteError
+
+        try:
+            return self.store.manifest(key)
+        except IncompleteError:
+            return None
 
     def list_children(self, key: str) -> list[str]:
         return [p.rsplit("/", 1)[-1] for p in self.store.list_prefixes(key)]
@@ -315,6 +375,11 @@ class Registry:
         except ValueError as e:
             raise RegistryError(f"{self.backend.uri(self.key(CHAMPION))}: not valid JSON ({e})") from None
 
+    def find_version(self, ident: str) -> str | None:
+        """The version (complete or not) whose id is `ident` (see `version_id`), or None."""
+        found = [v for v in self.backend.list_children(self.key("versions")) if v.endswith(f"-{ident}")]
+        return found[0] if found else None
+
     def fetch_model(self, dest: str | os.PathLike[str], version: str = "") -> Path:
         """Download a version's weights (default: the champion) into `dest`."""
         if not version:
@@ -325,9 +390,15 @@ class Registry:
         return self.backend.download_dir(f"{self.entry(version)}/model", Path(dest))
 
 
-def new_version(cfg: Recipe) -> str:
-    """`<UTC time>-<config digest>-<random>`: sortable by time, unique across concurrent runs."""
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{cfg.digest()[:8]}-{uuid.uuid4().hex[:6]}"
+def version_id(kfp_run: str, model_digest: str) -> str:
+    """The id of what one KFP run publishes: a retried publish of the same run and model gets the same."""
+    return hashlib.sha256(f"thinkforge-publish\0{kfp_run}\0{model_digest}".encode()).hexdigest()[:12]
+
+
+def new_version(cfg: Recipe, ident: str = "") -> str:
+    """`<UTC time>-<config digest>-<id>`: sortable by time; `id` is `version_id(...)` or random (unique
+    across concurrent runs)."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{cfg.digest()[:8]}-{ident or uuid.uuid4().hex[:6]}"
 
 
 def gate_target(cfg: Recipe) -> tuple[str, str]:
@@ -482,51 +553,85 @@ def publish(cfg: Recipe, model_dir: str | os.PathLike[str], results: dict[str, d
             artifacts: dict[str, Any] | None = None, kfp_run: str = "",
             backend: LocalBackend | S3Backend | None = None) -> dict[str, Any]:
     """Publish the final model, its eval results (`results[label]`, label in base/midtrain/sft/dpo/final;
-    None or skipped results are left out) and the recipe as a new registry version, then run the
-    promotion gate. Returns the decision (published, promoted, reason, version, where, gate, ...) and the
-    model card's text (`card`); the decision without the card is kept at `decisions/<version>.json`."""
+    None or skipped results are left out) and the recipe as a registry version, then run the promotion
+    gate. Returns the decision (published, promoted, reason, version, where, gate, ...) and the model
+    card's text (`card`); the decision without the card is kept at `decisions/<version>.json`.
+
+    With `kfp_run` (the KFP pipeline job id) the version is derived from the run and the model's digest:
+    a retry of the same run with the same model finishes the version its earlier attempt started (see
+    the module docstring) instead of publishing a twin that "does not beat the champion"."""
     from thinkforge.models import follow_pointer
 
     reg = Registry.for_recipe(cfg, backend)
-    version = new_version(cfg)
-    entry = reg.entry(version)
     results = {k: v for k, v in results.items() if v and not v.get("skipped")}
     model = follow_pointer(Path(model_dir))
     t0 = time.time()
-    log.info("publishing %s version %s to %s", reg.name, version, reg.uri(entry))
-    mm = reg.backend.upload_dir(model, f"{entry}/model")
-    model_info = {"files": len(mm["files"]), "total_bytes": mm["total_bytes"], "digest": tree_digest(mm["files"])}
-    files: dict[str, Any] = {f"model/{rel}": meta for rel, meta in mm["files"].items()}
-
-    def put(rel: str, data: bytes) -> None:
-        reg.backend.put_bytes(f"{entry}/{rel}", data)
-        files[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-    for label, res in results.items():
-        put(f"eval/results-{safe_key(label)}.json", json.dumps(res, indent=2, sort_keys=True, default=str).encode())
-    put("recipe.yaml", cfg.to_yaml().encode())
-    lin = lineage(cfg, artifacts or {}, kfp_run)
-    card = model_card(cfg, reg.name, version, results, model_info, lin)
-    put("MODEL_CARD.md", card.encode())
+    model_digest = ident = ""
+    earlier = None
+    if kfp_run:
+        model_digest = tree_digest(dir_files(model))
+        ident = version_id(kfp_run, model_digest)
+        earlier = reg.find_version(ident)
+    version = earlier or new_version(cfg, ident)
+    entry = reg.entry(version)
+    decision_key = reg.key("decisions", f"{version}.json")
+    if earlier:
+        log.info("publishing %s: version %s was started by an earlier attempt of KFP run %s; finishing it",
+                 reg.name, version, kfp_run)
+        recorded = reg.get_json(decision_key)
+        if recorded is not None and reg.manifest(version) is not None:
+            log.info("%s %s: decided by the earlier attempt: %s (%s)", reg.name, version,
+                     "PROMOTED" if recorded.get("promoted") else "not promoted", recorded.get("reason"))
+            card = reg.backend.get_bytes(f"{entry}/MODEL_CARD.md")
+            return {**recorded, "card": card.decode() if card is not None else ""}
+    else:
+        log.info("publishing %s version %s to %s", reg.name, version, reg.uri(entry))
 
     final = results.get("final")
     candidate = gate_view(cfg, final)
-    manifest = {
-        "format": FORMAT, "name": reg.name, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                         time.gmtime()),
-        "config_digest": cfg.digest(), "run": {"name": cfg.run.name, "seed": cfg.run.seed, "kfp_run": kfp_run},
-        "model": model_info, "metrics": _metrics_only(final),
-        "stages": {lbl: {b: m.get("pass@1") for b, m in _metrics_only(res).items()}
-                   for lbl, res in results.items()},
-        "protocol": (final or {}).get("protocol", {}), "benchmarks": (final or {}).get("benchmark_specs", {}),
-        "gate": {"benchmark": candidate["benchmark"], "metric": candidate["metric"], "value": candidate["value"]},
-        "lineage": lin, "card": "MODEL_CARD.md", "files": dict(sorted(files.items())),
-    }
-    reg.put_json(f"{entry}/{ENTRY_MANIFEST}", manifest)  # LAST: the entry is complete from here on
+    lin = lineage(cfg, artifacts or {}, kfp_run)
+    existing = reg.manifest(version) if earlier else None
+    if existing is not None and existing.get("model", {}).get("digest") == model_digest:
+        model_info = existing["model"]  # the entry is complete: only the gate (and its record) is left
+        card = model_card(cfg, reg.name, version, results, model_info, lin)
+    else:
+        mm = reg.backend.dir_manifest(f"{entry}/model") if earlier else None
+        if mm is None or tree_digest(mm.get("files", {})) != model_digest:
+            mm = reg.backend.upload_dir(model, f"{entry}/model")
+        model_info = {"files": len(mm["files"]), "total_bytes": mm["total_bytes"], "digest": tree_digest(mm["files"])}
+        files: dict[str, Any] = {f"model/{rel}": meta for rel, meta in mm["files"].items()}
+
+        def put(rel: str, data: bytes) -> None:
+            reg.backend.put_bytes(f"{entry}/{rel}", data)
+            files[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+        for label, res in results.items():
+            put(f"eval/results-{safe_key(label)}.json", json.dumps(res, indent=2, sort_keys=True, default=str).encode())
+        put("recipe.yaml", cfg.to_yaml().encode())
+        card = model_card(cfg, reg.name, version, results, model_info, lin)
+        put("MODEL_CARD.md", card.encode())
+
+        manifest = {
+            "format": FORMAT, "name": reg.name, "version": version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config_digest": cfg.digest(), "run": {"name": cfg.run.name, "seed": cfg.run.seed, "kfp_run": kfp_run},
+            "model": model_info, "metrics": _metrics_only(final),
+            "stages": {lbl: {b: m.get("pass@1") for b, m in _metrics_only(res).items()}
+                       for lbl, res in results.items()},
+            "protocol": (final or {}).get("protocol", {}), "benchmarks": (final or {}).get("benchmark_specs", {}),
+            "gate": {"benchmark": candidate["benchmark"], "metric": candidate["metric"], "value": candidate["value"]},
+            "lineage": lin, "card": "MODEL_CARD.md", "files": dict(sorted(files.items())),
+        }
+        reg.put_json(f"{entry}/{ENTRY_MANIFEST}", manifest)  # LAST: the entry is complete from here on
 
     per_problem = (final or {}).get("benchmarks", {}).get(candidate["benchmark"], {}).get("per_problem")
     for _ in range(_CAS_TRIES):
         champ, token = reg.champion()
+        if earlier and champ is not None:
+            done = _earlier_promotion(cfg, candidate, champ, version)
+            if done is not None:
+                decision = done
+                break
         champ_manifest = champ_results = None
         if champ is not None:
             champ_manifest = reg.manifest(champ["version"])
@@ -551,6 +656,26 @@ def publish(cfg: Recipe, model_dir: str | os.PathLike[str], results: dict[str, d
     out = {"published": True, "promoted": decision["promote"], "reason": decision["reason"], "name": reg.name,
            "version": version, "where": reg.uri(entry), "champion_uri": reg.uri(reg.key(CHAMPION)),
            "seconds": time.time() - t0, "gate": decision}
-    reg.put_json(reg.key("decisions", f"{version}.json"), out)
+    reg.put_json(decision_key, out)
     log.info("%s %s: %s (%s)", reg.name, version, "PROMOTED" if out["promoted"] else "not promoted", out["reason"])
     return {**out, "card": card}
+
+
+def _earlier_promotion(cfg: Recipe, candidate: dict[str, Any], champ: dict[str, Any],
+                       version: str) -> dict[str, Any] | None:
+    """The decision an earlier attempt of this run already carried out (it moved the pointer to `version`,
+    then died before recording it), or None when the pointer says nothing about `version`."""
+    bench, metric = gate_target(cfg)
+    base = {"benchmark": bench, "metric": metric, "margin": cfg.registry.margin,
+            "candidate_value": candidate.get("value"), "promote": True, "resumed": True,
+            "forced": str(champ.get("reason", "")).startswith("promoted by registry.force")}
+    if champ.get("version") == version:
+        prev = champ.get("previous") or {}
+        return {**base, "champion_version": prev.get("version"),
+                "reason": f"{champ.get('reason')} (the champion pointer was moved by an earlier attempt of this "
+                          "KFP run; this retry finished the publish)"}
+    if (champ.get("previous") or {}).get("version") == version:
+        return {**base, "superseded_by": champ.get("version"),
+                "reason": f"promoted by an earlier attempt of this KFP run, and since superseded by "
+                          f"{champ.get('version')} ({_pct(champ.get('value'))})"}
+    return None

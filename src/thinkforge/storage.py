@@ -14,7 +14,14 @@ Directories and completion
     incomplete upload (a killed writer) and :meth:`ObjectStore.download_dir` refuses it. Downloads
     verify every sha256 and land in a temporary sibling directory that is renamed into place only
     when complete, so a half download never looks complete either. Deleting a prefix removes the
-    manifest first for the same reason.
+    manifest first for the same reason. Symbolic links inside a directory being uploaded are refused
+    (``ValueError`` naming the link), never followed: a link to a file outside the directory (a mounted
+    Secret, ``/etc``) must not end up in the bucket.
+
+Local disk full
+    A local write that fails for lack of space or a file-size limit (``ENOSPC``, ``EFBIG``, ``EDQUOT``)
+    raises :class:`DiskWriteError`, an ``OSError`` with that errno that names the file, is not retried,
+    and leaves nothing behind that looks complete (the partial download is removed).
 
 Faults
     Connection errors, timeouts, HTTP 5xx/429 and S3 ``SlowDown``-style codes are retried with
@@ -31,6 +38,7 @@ else ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (none: anonymous requests).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import hashlib
 import http.client
 import io
@@ -94,6 +102,80 @@ class IncompleteError(StorageError):
 
 class ChecksumError(StorageError):
     """A downloaded file does not match the size/sha256 recorded in the manifest."""
+
+
+#: errnos of a local disk that is full or a file over a size limit: not retried, the file is named
+DISK_ERRNOS = frozenset(e for e in (getattr(errno, n, None) for n in ("ENOSPC", "EFBIG", "EDQUOT")) if e)
+
+
+class DiskWriteError(OSError):
+    """A local write failed for lack of space or a file-size limit; names the file and what was written."""
+
+    def __init__(self, code: int, path: str | os.PathLike[str], detail: str = "") -> None:
+        super().__init__(code, os.strerror(code), str(path))
+        self.detail = detail
+
+    def __reduce__(self) -> Any:  # picklable (a worker process may raise it)
+        return (type(self), (self.errno, self.filename, self.detail))
+
+    def __str__(self) -> str:
+        text = f"[Errno {self.errno}] {self.strerror}: {self.filename}"
+        return f"{text} ({self.detail})" if self.detail else text
+
+
+def disk_error(exc: BaseException, path: str | os.PathLike[str], detail: str = "") -> BaseException:
+    """``exc`` as a :class:`DiskWriteError` naming ``path`` when it is a disk-full/file-too-large error
+    (an ``OSError`` with such an errno); any other exception comes back unchanged."""
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and code in DISK_ERRNOS:
+        if isinstance(exc, DiskWriteError):
+            return exc
+        return DiskWriteError(code, path, detail)
+    return exc
+
+
+def raise_for_disk(exc: BaseException, path: str | os.PathLike[str], detail: str = "") -> None:
+    """Raise :class:`DiskWriteError` naming ``path`` (from ``exc``) when ``exc`` is a disk-full/file-too-large
+    error; otherwise return, for the caller to re-raise ``exc`` itself."""
+    err = disk_error(exc, path, detail)
+    if err is not exc:
+        raise err from exc
+    if isinstance(exc, DiskWriteError):
+        raise exc
+
+
+def upload_files(local_dir: str | os.PathLike[str]) -> list[tuple[Path, str]]:
+    """Every regular file under ``local_dir`` as (path, relative posix path), sorted; a root-level
+    ``_MANIFEST.json`` (from a download) is left out. A symbolic link anywhere inside (to a file or a
+    directory) raises ``ValueError`` naming it: links are refused, never followed. ``local_dir`` itself
+    may be a link (a mounted artifact path)."""
+    src = Path(local_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"upload: no such directory {src}")
+    out: list[tuple[Path, str]] = []
+    for top, dirs, names in os.walk(src, followlinks=False):
+        for name in sorted(dirs + names):
+            path = Path(top) / name
+            if path.is_symlink():
+                raise ValueError(f"upload: {path} is a symbolic link; links inside a directory being uploaded are "
+                                 "refused, not followed (copy the file in instead)")
+        for name in names:
+            path = Path(top) / name
+            rel = path.relative_to(src).as_posix()
+            if path.is_file() and rel != MANIFEST:
+                out.append((path, rel))
+    return sorted(out, key=lambda t: t[1])
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move the finished directory ``tmp`` to ``dest``, replacing what was there (renames only)."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
 
 
 # --------------------------------------------------------------------------------------------- keys
@@ -408,7 +490,7 @@ class ObjectStore:
                 if e.code == "NoSuchBucket":
                     raise NotFound(f"{what}: bucket {self.bucket!r} does not exist at {self.endpoint}") from None
                 err: BaseException = e
-            except (StorageError, ValueError, TypeError):
+            except (StorageError, ValueError, TypeError, DiskWriteError):
                 raise
             except Exception as e:  # noqa: BLE001 - classified below
                 err = e
@@ -463,9 +545,15 @@ class ObjectStore:
         dest = Path(local)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+        def go() -> None:
+            try:
+                self._client.fget_object(self.bucket, key, str(tmp), tmp_file_path=str(tmp) + ".minio")
+            except OSError as e:
+                raise_for_disk(e, dest, f"download of {self.where(key)}; nothing kept")
+                raise
+
         try:
-            self._call("download", key, lambda: self._client.fget_object(self.bucket, key, str(tmp),
-                                                                          tmp_file_path=str(tmp) + ".minio"))
+            self._call("download", key, go)
             os.replace(tmp, dest)
         finally:
             for p in (tmp, Path(str(tmp) + ".minio")):
@@ -484,8 +572,15 @@ class ObjectStore:
                 with open(out, "wb") as fh:
                     for chunk in resp.stream(_HASH_CHUNK):
                         h.update(chunk)
-                        fh.write(chunk)
+                        try:
+                            fh.write(chunk)
+                        except OSError as e:
+                            raise_for_disk(e, out, f"download of {self.where(key)}")
+                            raise
                         size += len(chunk)
+            except OSError as e:  # the open, or the close (flush) of the last bytes
+                raise_for_disk(e, out, f"download of {self.where(key)}")
+                raise
             finally:
                 resp.close()
                 resp.release_conn()
@@ -610,14 +705,13 @@ class ObjectStore:
         then ``prefix/_MANIFEST.json`` LAST. Returns the manifest.
 
         An existing manifest at ``prefix`` is removed first, so while the prefix is rewritten it does
-        not look complete. Symlinks are followed; a local ``_MANIFEST.json`` (from a download) is skipped.
+        not look complete. A symbolic link inside ``local_dir`` is refused (``ValueError`` naming it,
+        before anything is written), never followed; a local ``_MANIFEST.json`` (from a download) is skipped.
         """
-        src = Path(local_dir)
         p = check_key(prefix)
-        if not src.is_dir():
-            raise FileNotFoundError(f"upload_dir: no such directory {src}")
-        files = sorted(f for f in src.rglob("*") if f.is_file() and f.relative_to(src).as_posix() != MANIFEST)
-        rels = [f.relative_to(src).as_posix() for f in files]
+        listed = upload_files(local_dir)
+        files = [f for f, _ in listed]
+        rels = [r for _, r in listed]
         for rel in rels:
             check_key(f"{p}/{rel}")  # local names with control chars etc. fail before anything is written
         manifest_key = f"{p}/{MANIFEST}"
@@ -703,14 +797,15 @@ class ObjectStore:
                         for g in futures:
                             g.cancel()
                         raise f.exception()  # type: ignore[misc]
-            (tmp / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True))
-            if dest.exists():
-                old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(dest, old)
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dest)
+            try:
+                (tmp / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True))
+            except OSError as e:
+                raise_for_disk(e, tmp / MANIFEST, f"download of {self.where(p)}")
+                raise
+            replace_dir(tmp, dest)
+        except DiskWriteError as e:
+            raise DiskWriteError(e.errno, e.filename, f"{e.detail}; downloading into {dest}, the partial copy "
+                                                      "was removed and nothing there looks complete") from e
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -193,6 +193,38 @@ def test_storage_dead_mid_upload_never_leaves_a_complete_looking_checkpoint(tiny
     assert [s for s, _, ok in remote_checkpoints(bucket, prefix)] == [MAX_STEPS - SAVE_STEPS, MAX_STEPS]
 
 
+def test_a_checkpoint_that_verifies_but_does_not_load_is_passed_over(tiny, s3_credentials, bucket, reference,
+                                                                    caplog, tmp_path):
+    """The newest complete checkpoint was written broken (its weights file cut in half) and uploaded as
+    it was, so every sha256 matches its manifest. The retried stage does not crash on it (as every
+    retry would): it says so, resumes from the previous complete checkpoint, ends with the fault-free
+    weights, and rewrites the broken one."""
+    cfg = recipe_with(tiny.recipe, {"run.name": "unloadable", "storage.endpoint": s3_credentials.endpoint,
+                                    "storage.bucket": bucket.bucket})
+    run_sft(cfg, tiny, tmp_path / "out1")
+    prefix = stage_prefix(cfg, tiny, bucket)
+    last, before = f"{prefix}/checkpoint-{MAX_STEPS}", MAX_STEPS - SAVE_STEPS
+    assert [(s, ok) for s, _, ok in remote_checkpoints(bucket, prefix)] == [(before, True), (MAX_STEPS, True)]
+    broken = bucket.download_dir(last, tmp_path / "broken")
+    w = broken / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    bucket.upload_dir(broken, last)  # a fresh manifest: the broken file verifies
+    bucket.download_dir(last, tmp_path / "verifies")
+
+    caplog.set_level(logging.WARNING)
+    result = run_sft(cfg, tiny, tmp_path / "out2")
+    assert result.extra["resumed_from"] == before and result.steps == MAX_STEPS
+    [skipped] = result.extra["unusable_checkpoints"]
+    assert skipped["step"] == MAX_STEPS and "model.safetensors" in skipped["reason"]
+    assert f"s3://{bucket.bucket}/{last} verifies but does not load" in caplog.text
+    assert "falling back to the previous complete checkpoint" in caplog.text
+    assert f"resuming from step {before} instead" in caplog.text
+    same_weights(weights(tmp_path / "out2"), reference)
+    from thinkforge.checkpoints import check_loadable
+
+    check_loadable(bucket.download_dir(last, tmp_path / "rewritten"))  # the retry's own save replaced it
+
+
 def test_single_object_upload_cut_mid_body_leaves_no_object(s3_server, flaky_proxy, bucket, tmp_path):
     """One file (a multipart upload) cut mid-body for good: no object appears under its key at all."""
     src = tmp_path / "big.bin"

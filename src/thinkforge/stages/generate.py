@@ -7,8 +7,10 @@ settings reads the shards, skips every (problem_id, sample_index) already there,
 the rest, so a killed run loses at most the chunk in flight. Each chunk is seeded from the run seed
 and the ids of its problems (never from its position or from how many chunks came before), so the
 resumed run produces exactly the rollouts an uninterrupted run would have, for a deterministic
-engine. When every chunk is done the shards are merged, in source order, into the one JSONL at
-`out_path` (written atomically) and removed (kept with `generate.keep_shards`).
+engine. A shard write that fails for lack of space (or a file-size limit) leaves no shard under its
+name and raises a `thinkforge.storage.DiskWriteError` naming it. When every chunk is done the shards
+are merged, in source order, into the one JSONL at `out_path` (written atomically) and removed (kept
+with `generate.keep_shards`).
 
 `<shard_dir>/manifest.json` records the settings that shape the samples (teacher, engine, sampling,
 template, data source, seed, chunking); shards written under other settings are discarded with a
@@ -202,7 +204,14 @@ class ShardStore:
         files = self.shard_files()
         seq = int(_SHARD_RE.match(files[-1].name).group(1)) + 1 if files else 0  # type: ignore[union-attr]
         path = self.root / f"shard-{seq:05d}.jsonl"
-        write_jsonl(path, records)
+        try:
+            write_jsonl(path, records)  # a temp file renamed into place: a failed write leaves no shard
+        except OSError as e:
+            from thinkforge.storage import raise_for_disk
+
+            raise_for_disk(e, path, f"writing a generation shard of {len(records)} rollouts; nothing was kept "
+                                    "under that name, a rerun samples its prompts again")
+            raise
         _fsync_dir(self.root)
         return path
 

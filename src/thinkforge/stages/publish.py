@@ -1,6 +1,9 @@
 """Publish: the final model, its eval results and the recipe go to the model registry
 (`thinkforge.registry`, MinIO/S3 or a local directory), and the promotion gate decides whether it
-becomes the champion. "Not promoted" is an outcome with a reason, not a failure."""
+becomes the champion. "Not promoted" is an outcome with a reason, not a failure.
+
+The component passes `kfp_run` (the KFP pipeline job id): the registry version is derived from it and
+the model's digest, so a retried publish task finishes the version its earlier attempt started."""
 
 from __future__ import annotations
 

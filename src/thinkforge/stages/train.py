@@ -10,7 +10,11 @@ One setup for mid-train, SFT, DPO and RL (open-r1 repeats ~40 lines per script; 
   uploaded by :class:`thinkforge.checkpoints.CheckpointSync` under
   ``<storage.prefix>/<run>/<stage>/checkpoints/<fingerprint>/checkpoint-<step>`` (manifest last, the
   newest ``keep_checkpoints`` kept), and a restarted stage (a KFP retry, a preempted pod) resumes from
-  the newest complete one (:func:`thinkforge.checkpoints.restore_latest`);
+  the newest complete one that loads (:func:`thinkforge.checkpoints.restore`): one that verifies but
+  does not load (:func:`thinkforge.checkpoints.check_loadable`) is passed over for the previous complete
+  one, with an error logged and the skip recorded (``unusable_checkpoints``) instead of crashing every
+  retry; a local save that fails (a full disk) raises an error naming the checkpoint directory
+  (:func:`thinkforge.checkpoints.guard_saves`);
 - :func:`finish` saves the model (safetensors) and summarizes the log history;
 - a NaN/inf loss or gradient norm stops training at once (:class:`NonFiniteGuard`, added by :func:`fit`):
   a :class:`FloatingPointError` names the stage, the step and the last good checkpoint, nothing
@@ -312,7 +316,7 @@ def fit(trainer: Any, cfg: Recipe, stage: str, t: TrainConfig, model_path: str |
     guard = NonFiniteGuard(stage, metrics)
     trainer.add_callback(guard)  # before CheckpointSync: its on_save vetoes a non-finite checkpoint
     if checkpointing(cfg, t):
-        from thinkforge.checkpoints import CheckpointSync, checkpoint_step, restore_latest
+        from thinkforge.checkpoints import CheckpointSync, check_loadable, checkpoint_step, guard_saves, restore
         from thinkforge.storage import ObjectStore
 
         store = ObjectStore.from_config(cfg.storage)
@@ -323,7 +327,14 @@ def fit(trainer: Any, cfg: Recipe, stage: str, t: TrainConfig, model_path: str |
         if acc.is_main_process:
             store.ensure_bucket()
         if acc.is_local_main_process:
-            path = restore_latest(store, prefix, restored_dir)
+            got = restore(store, prefix, restored_dir, check=lambda p: check_loadable(p, trainer.model))
+            path = got.path
+            if got.skipped:
+                info["unusable_checkpoints"] = got.skipped
+                log.warning("%s: passed over %s; %s", stage,
+                            ", ".join(f"{s['uri']} ({s['reason'][:200]})" for s in got.skipped),
+                            f"resuming from step {got.step} instead" if path is not None
+                            else "no usable checkpoint left: starting from the beginning")
         acc.wait_for_everyone()
         if not acc.is_local_main_process:
             path = _latest_local(restored_dir)
@@ -334,6 +345,7 @@ def fit(trainer: Any, cfg: Recipe, stage: str, t: TrainConfig, model_path: str |
             log.info("%s: resuming from %s (step %s)", stage, store.uri(prefix), info["resumed_from"])
         guard.sync = CheckpointSync(store, prefix, keep=t.keep_checkpoints, metrics=metrics)
         trainer.add_callback(guard.sync)
+        guard_saves(trainer, stage)
     trainer.train(resume_from_checkpoint=resume)
     return info
 
