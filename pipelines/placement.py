@@ -12,6 +12,7 @@ from kfp import kubernetes
 from thinkforge.config import ClusterConfig
 
 PART_OF = "thinkforge"
+SCRATCH = "/scratch"
 # (cluster field, secret key -> env var, stages that get it): each secret only where it is used.
 SECRET_ENV = (
     ("s3_secret", {"accesskey": "THINKFORGE_S3_ACCESS_KEY", "secretkey": "THINKFORGE_S3_SECRET_KEY"}, None),
@@ -45,6 +46,13 @@ def place(task, stage: str, cluster: ClusterConfig, *, launcher_only: bool = Fal
     if p.shm_size:
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=p.shm_size)
+    if p.scratch_size:
+        # KFP has no ephemeral-storage request; a generic ephemeral volume is the supported way to give a
+        # task disk of its own (checkpoints, model caches), released with the pod
+        kubernetes.add_ephemeral_volume(task, volume_name="scratch", mount_path=SCRATCH, access_modes=["ReadWriteOnce"],
+                                        size=p.scratch_size, storage_class_name=p.scratch_storage_class or None)
+        task.set_env_variable("TMPDIR", SCRATCH)
+        task.set_env_variable("THINKFORGE_CACHE", f"{SCRATCH}/cache")
     if p.timeout_s:
         kubernetes.set_timeout(task, p.timeout_s)
     if p.retries:

@@ -132,7 +132,7 @@ class PodRunner:
         """Run every task in dependency order (with ``until``, only those tasks and what they need).
         ``kill(task, attempt, sandbox)`` is polled while a pod runs; when it returns True the pod is
         SIGKILLed (a preemption) and the retry policy applies."""
-        run_id = run_id or str(uuid.uuid4())
+        run_id = self._run_id = run_id or str(uuid.uuid4())
         root = self.spec["root"]
         if "dag" not in root:
             raise NotImplementedError("the runner runs pipelines with a root DAG only")
@@ -188,7 +188,7 @@ class PodRunner:
             if "componentInputParameter" in spec:
                 values[pname] = params[spec["componentInputParameter"]]
             elif "runtimeValue" in spec:
-                values[pname] = spec["runtimeValue"]["constant"]
+                values[pname] = self._resolve(spec["runtimeValue"]["constant"], name)
             elif "taskOutputParameter" in spec:
                 src = spec["taskOutputParameter"]
                 values[pname] = done[src["producerTask"]].parameters[src["outputParameterKey"]]
@@ -204,6 +204,15 @@ class PodRunner:
             if pname not in values and "defaultValue" in d:
                 values[pname] = d["defaultValue"]  # the launcher's addDefaultParams
         return values, arts
+
+    def _resolve(self, value: Any, task: str) -> Any:
+        """The driver's runtime placeholders in a constant (dsl.PIPELINE_JOB_ID_PLACEHOLDER and kin)."""
+        if not isinstance(value, str):
+            return value
+        for k, v in (("{{$.pipeline_job_uuid}}", self._run_id), ("{{$.pipeline_job_name}}", self._run_id),
+                     ("{{$.pipeline_task_name}}", task), ("{{$.pipeline_root}}", self.root)):
+            value = value.replace(k, v)
+        return value
 
     def _cache_key(self, values: dict[str, Any], arts: dict[str, Artifact], comp: dict[str, Any],
                    container: dict[str, Any]) -> str:
@@ -310,7 +319,7 @@ class PodRunner:
             shutil.rmtree(sandbox)
         for d in ("minio", "s3", "tmp/home", "tmp/kfp_outputs", "app"):
             (sandbox / d).mkdir(parents=True)
-        log = sandbox.with_suffix(".log")
+        log = sandbox.parent / f"{sandbox.name}.log"
         env = self._env(name, container, platform)
         result.env = env
         for art in arts.values():

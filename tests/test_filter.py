@@ -219,7 +219,7 @@ def test_contamination_threshold_and_short_benchmark_problems():
 
 
 def test_default_benchmark_source_decontaminates_the_smoke_set(tmp_path):
-    cfg = load_recipe(SMOKE)
+    cfg = load_recipe(SMOKE, {"dpo.enabled": False})  # only correct rollouts here: nothing for DPO
     rows = [ro(p["id"], p["problem"], p["answer"], 0, think("", p["answer"]), 5)
             for p in __import__("thinkforge.sources", fromlist=["x"]).load_problems(cfg.data.train)]
     write_jsonl(tmp_path / "r.jsonl", rows)
@@ -230,9 +230,9 @@ def test_default_benchmark_source_decontaminates_the_smoke_set(tmp_path):
 POWER_TOWER = "<think>\nbig\n</think>\n\nThe answer is \\boxed{10^{10^{10^{10}}}}."  # the verifier times out
 
 
-def _small_filter(tmp_path, rows, **overrides):
+def _small_filter(tmp_path, rows, dpo=True, **overrides):
     write_jsonl(tmp_path / "r.jsonl", rows)
-    cfg = load_recipe(SMOKE, {"template.think": True, "filter.decontaminate": False,
+    cfg = load_recipe(SMOKE, {"template.think": True, "filter.decontaminate": False, "dpo.enabled": dpo,
                               "filter.dpo_pairs_per_prompt": 2, **{f"filter.{k}": v for k, v in overrides.items()}})
     return filter_rollouts(cfg, tmp_path / "r.jsonl", tmp_path / "out"), tmp_path / "out"
 
@@ -278,7 +278,8 @@ def test_rl_pool_leaves_out_unsolved_problems_unless_asked(tmp_path):
     pool = {r["id"]: r for r in read_jsonl(out / "rl_prompts.jsonl")}
     assert set(pool) == {"solo", "mixed", "never"} and pool["never"]["pass_rate"] == 0
     assert result.rl_dropped == {"unverifiable_gold": 1, "unsolved": 0}
-    result, out = _small_filter(tmp_path / "c", [bad_gold, *_rl_and_dpo_rows()[:1]], rl_keep_unverifiable_gold=True)
+    result, out = _small_filter(tmp_path / "c", [bad_gold, *_rl_and_dpo_rows()[:1]], dpo=False,
+                                rl_keep_unverifiable_gold=True)
     assert {r["id"] for r in read_jsonl(out / "rl_prompts.jsonl")} == {"solo", "bad"}
 
 
@@ -299,3 +300,26 @@ def test_r1_completions_without_the_opening_think_tag_are_normalized_before_filt
     assert pair["chosen"].startswith("<think>\n") and pair["rejected"].startswith("<think>\n4 * 6 = 26")
     assert result.kept == 1 and result.normalized_think == 2
     assert json.loads((out / "summary.json").read_text())["normalized_think"] == 2
+
+
+def test_no_dpo_pairs_fails_in_the_filter_with_the_reasons(tmp_path):
+    """Only truncated wrong rollouts: DPO would have nothing to reject. The filter says so, with the
+    counts and what to change, instead of the DPO task failing later on an empty file."""
+    from thinkforge.config import load_recipe
+    from thinkforge.records import EmptyDataError, write_jsonl
+    from thinkforge.stages.filter import filter_rollouts
+
+    cfg = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml")
+    rows = []
+    for i in range(3):
+        base = {"problem_id": f"p{i}", "problem": f"What is {i} + 2?", "answer": str(i + 2), "source": "t",
+                "answer_type": "math", "teacher": "t", "num_tokens": 8}
+        rows.append({**base, "sample_index": 0, "completion": f"The answer is \\boxed{{{i + 2}}}.",
+                     "finish_reason": "stop"})
+        rows.append({**base, "sample_index": 1, "completion": "Let me think about", "finish_reason": "length"})
+    src = tmp_path / "rollouts.jsonl"
+    write_jsonl(src, rows)
+    with pytest.raises(EmptyDataError, match=r"no DPO pairs .* truncated=3 .* dpo.enabled=false"):
+        filter_rollouts(cfg, src, tmp_path / "out")
+    off = cfg.model_copy(update={"dpo": cfg.dpo.model_copy(update={"enabled": False})})
+    assert filter_rollouts(off, src, tmp_path / "out2").dpo_pairs == 0

@@ -291,3 +291,16 @@ def test_a_multi_node_stage_task_holds_no_gpu(tmp_path):
     assert pipeline["root"]["dag"]["tasks"]["sft"]["retryPolicy"]["maxRetryCount"] == 5  # the stage's own retries
     dpo = pipeline["deploymentSpec"]["executors"]["exec-dpo"]["container"]["resources"]
     assert dpo["accelerator"]["resourceCount"] == "8"  # one-node stages keep their GPUs
+
+
+def test_scratch_volume_for_big_local_files(tmp_path):
+    """Checkpoints and model caches of a big stage go to a generic ephemeral volume, not the node's disk."""
+    r = load_recipe(ROOT / "recipes" / "smoke.yaml", {"cluster.stages": {"sft": {"scratch_size": "200Gi",
+                                                                                  "scratch_storage_class": "fast"}}})
+    pipeline, platform = yaml.safe_load_all(compile_pipeline(r, tmp_path / "p.yaml").read_text())
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    (vol,) = k8s["exec-sft"]["genericEphemeralVolume"]
+    assert vol["mountPath"] == "/scratch" and vol["size"] == "200Gi" and vol["storageClassName"] == "fast"
+    env = {e["name"]: e["value"] for e in pipeline["deploymentSpec"]["executors"]["exec-sft"]["container"]["env"]}
+    assert env == {"TMPDIR": "/scratch", "THINKFORGE_CACHE": "/scratch/cache"}
+    assert "genericEphemeralVolume" not in k8s.get("exec-dpo", {})

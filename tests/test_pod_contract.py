@@ -230,7 +230,9 @@ def test_killed_pods_resume_from_object_storage(cluster):
         return task in victims and attempt == 0 and any(
             k.endswith("/_MANIFEST.json") for k in keys_under(cluster, done_marker[victims[task]]))
 
-    result = cluster.runner(ir).run({"run__name": name, "evaluate__benchmarks": benches}, kill=kill)
+    run_id = str(uuid.uuid4())  # the KFP run id: it scopes the run's objects, and a retry keeps it
+    done_marker = {k: v.replace(f"runs/{name}/", f"runs/{name}/{run_id}/") for k, v in done_marker.items()}
+    result = cluster.runner(ir).run({"run__name": name, "evaluate__benchmarks": benches}, kill=kill, run_id=run_id)
     logs = {}
     for task in victims:
         t = result.tasks[task]
@@ -248,3 +250,35 @@ def test_killed_pods_resume_from_object_storage(cluster):
     final = json.loads(read_artifact(cluster, result.tasks[title["7 evaluate final"]].artifacts["results"]))
     assert set(final["benchmarks"]) == {"wp-a", "wp-b"}
     assert "## Registry" in read_artifact(cluster, result.tasks["report"].artifacts["report_md"]).decode()
+
+
+def test_two_runs_of_one_recipe_side_by_side(cluster, pushgateway):
+    """Two concurrent runs with the same recipe and run name (a recurring run overlapping a manual one)
+    against one S3 server and one Pushgateway: the KFP run id scopes each run's checkpoints and metric
+    groups, so neither resumes, prunes or overwrites the other's."""
+    import threading
+
+    ir = cluster.compile(["sft.save_steps=1"])
+    name, ids = run_name(), [str(uuid.uuid4()), str(uuid.uuid4())]
+    results, errors = {}, []
+
+    def one(run_id: str) -> None:
+        try:
+            results[run_id] = cluster.runner(ir).run({"run__name": name, "metrics__push_url": pushgateway.url},
+                                                     run_id=run_id, until={"sft"})
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for run_id in ids:
+        keys = keys_under(cluster, f"runs/{name}/{run_id}/sft/checkpoints/")
+        assert any(k.endswith("/_MANIFEST.json") for k in keys), run_id
+        assert "resuming from" not in results[run_id].tasks["sft"].log()  # never the other run's checkpoint
+    groups = [g["labels"] for g in pushgateway.groups()["data"]]
+    for run_id in ids:
+        assert any(g.get("run_id") == f"{name}-{run_id}" and g.get("stage") == "sft" for g in groups), groups

@@ -28,6 +28,17 @@ class RunConfig(Section):
     name: str = Field("thinkforge", description="Run name; used in object keys (sanitized) and metric labels.")
     seed: int = Field(0, ge=0, description="Seed for sampling, shuffling and initialization.")
     output_dir: str = Field("runs", description="Where `thinkforge run` keeps local pipeline roots.")
+    id: str = Field("", description="This run's id (the KFP run id, set by the pipeline; not a run parameter). With "
+                    "the name it scopes checkpoints, shards, evaluation results and Pushgateway groups, so two runs "
+                    "of one recipe never share them, while a retried task of the same run finds its own.")
+
+    def scope(self) -> tuple[str, ...]:
+        """The object-key segments of this run: (name, id), or (name,) outside a pipeline."""
+        return (self.name, self.id) if self.id else (self.name,)
+
+    def label(self) -> str:
+        """The run_id metric label: name and id (the id alone reads poorly on a dashboard)."""
+        return f"{self.name}-{self.id}" if self.id else self.name
 
 
 class ModelConfig(Section):
@@ -428,6 +439,10 @@ class Placement(Section):
         default_factory=list, description="Tolerations ({key, operator, value, effect}) for tainted GPU pools."
     )
     shm_size: str = Field("", description="Memory-backed /dev/shm of this size (e.g. 16Gi); empty = none.")
+    scratch_size: str = Field("", description="A generic ephemeral volume of this size at /scratch (a PVC that "
+                              "lives as long as the pod), used as TMPDIR and the model cache: local checkpoints and "
+                              "downloads of big models go there instead of the node's disk; empty = none.")
+    scratch_storage_class: str = Field("", description="Storage class of the /scratch volume (empty = the default).")
     timeout_s: int = Field(0, ge=0, description="Fail the task after this many seconds (0 = no limit).")
     retries: int = Field(0, ge=0, description="Retries of a failed task (preemption); training resumes from checkpoints.")
     backoff_s: int = Field(60, ge=0)
@@ -508,7 +523,7 @@ COMPILE_TIME_SECTIONS = ("cluster",)  # fixed when the pipeline is compiled, not
 # a skipped stage is absent from the compiled DAG and the next stage takes the previous model artifact.
 STRUCTURE_FIELDS = ("midtrain__enabled", "sft__enabled", "dpo__enabled", "rl__enabled", "evaluate__enabled",
                     "evaluate__per_stage", "evaluate__evaluate_base", "registry__enabled")
-TASK_SET_FIELDS = ("data__snapshot",)  # written by a pipeline task, not by the person starting the run
+TASK_SET_FIELDS = ("data__snapshot", "run__id")  # written by a pipeline task, not by the person starting the run
 
 
 def _model_at(loc: tuple[Any, ...]) -> Any:

@@ -283,10 +283,11 @@ class StageMetrics:
     def for_recipe(
         cls, stage: str, recipe: Recipe, run_id: str = "", recipe_name: str = "", **kwargs: Any
     ) -> StageMetrics:
-        """Labels from a Recipe: run_id defaults to ``recipe.run.name``, model to ``recipe.model.student``."""
+        """Labels from a Recipe: run_id defaults to ``recipe.run.label()`` (name and KFP run id), model to
+        ``recipe.model.student``."""
         return cls(
             stage,
-            run_id or recipe.run.name,
+            run_id or recipe.run.label(),
             recipe_name or recipe.run.name,
             recipe.model.student,
             recipe.metrics,

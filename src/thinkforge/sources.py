@@ -73,7 +73,21 @@ def normalize_problem(rec: dict[str, Any], where: str, source: str, index: int) 
     for key in ("completion", "trace"):  # import mode: records that already carry a CoT
         if isinstance(rec.get(key), str):
             out["completion"] = rec[key]
+    if "completions" in rec:  # several traces of one problem (public CoT sets, correct and wrong ones)
+        traces = rec["completions"]
+        if not isinstance(traces, list) or not traces or not all(isinstance(t, str) and t for t in traces):
+            raise RecordError(f"{where}: field 'completions': expected a non-empty list of completion strings")
+        if "completion" in out:
+            raise RecordError(f"{where}: fields 'completion' and 'completions': give one of them")
+        out["completions"] = list(traces)
     return out
+
+
+def imported_traces(problem: dict[str, Any]) -> list[str]:
+    """The completions a problem record carries (import mode), in order; [] when it carries none."""
+    if "completions" in problem:
+        return list(problem["completions"])
+    return [problem["completion"]] if "completion" in problem else []
 
 
 def _load_path(path: Path, name: str) -> list[tuple[str, dict[str, Any]]]:
@@ -202,12 +216,19 @@ def builtin_source(name: str, query: dict[str, str]) -> list[dict[str, Any]]:
         raise RecordError(f"builtin:{name}: split must be train or test, got {split!r}")
     n = int(query.get("n", 400 if split == "train" else 60))
     problems = word_problems(split, n, seed=int(query.get("seed", 0)))
+    distractors = query.get("distractors") in ("1", "true")
+    if distractors and query.get("solutions") not in ("1", "true"):
+        raise RecordError(f"builtin:{name}: distractors=1 needs solutions=1")
     if query.get("solutions") in ("1", "true"):  # import mode: a short reference chain of thought each
         for p in problems:
-            p["completion"] = p.pop("solution")
+            solution, slip = p.pop("solution"), p.pop("distractor")
+            # distractors: also a complete worked solution with an arithmetic slip, so a small run has
+            # complete wrong answers for DPO to reject (the smoke recipe)
+            p["completions" if distractors else "completion"] = [solution, slip] if distractors else solution
     else:
         for p in problems:
             p.pop("solution")
+            p.pop("distractor")
     return problems
 
 
@@ -244,6 +265,15 @@ def _make_problem(rng: random.Random) -> tuple[str, int, str, str]:
             f"Together they have {x} + {y} = {x + y} {item}.")
 
 
+def _slip(worked: str, answer: int, salt: int) -> str:
+    """The worked solution with its result off by 1 or 2 (a complete, wrong answer)."""
+    wrong = answer + (1 + salt % 2) * (1 if salt % 4 < 2 else -1)
+    if wrong < 0:
+        wrong = answer + 1
+    text = worked[::-1].replace(str(answer)[::-1], str(wrong)[::-1], 1)[::-1]  # the last occurrence
+    return f"{text}\nThe answer is \\boxed{{{wrong}}}."
+
+
 def word_problems(split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
     """Deterministic problems; a problem's split is fixed by a hash of its text, so splits never overlap."""
     rng = random.Random(f"word-problems-{seed}")
@@ -268,6 +298,7 @@ def word_problems(split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
             "subject": kind,
             "source": f"word-problems-{split}",
             "solution": f"{worked}\nThe answer is \\boxed{{{answer}}}.",
+            "distractor": _slip(worked, answer, int(digest[8:12], 16)),
         })
     return out
 

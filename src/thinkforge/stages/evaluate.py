@@ -313,7 +313,7 @@ class StoredResults:
         log.info("evaluate %s: model identity %s (%.1fs)", label,
                  f"sha256 {model['sha256'][:16]} over {model['files']} files" if "sha256" in model else model,
                  time.monotonic() - t0)
-        return cls(cfg, store, store.run_prefix(cfg.run.name, "evaluate", label), label, model)
+        return cls(cfg, store, store.run_prefix(*cfg.run.scope(), "evaluate", label), label, model)
 
     def key(self, bench: LoadedBenchmark) -> str:
         from thinkforge.storage import safe_key

@@ -454,6 +454,14 @@ def filter_rollouts(cfg: Recipe, rollouts_path: str | Path, out_dir: str | Path,
     midtrain = [_sft_row(r) for r in accepted]
     sft = _select_sft(accepted, stats, cfg)
     pairs = _pairs(by_problem, f.dpo_pairs_per_prompt)
+    if cfg.dpo.enabled and f.dpo_pairs_per_prompt and not pairs:
+        # fail here, with the reasons, rather than in the DPO pod with "no training records"
+        raise EmptyDataError(
+            f"filter: no DPO pairs from {rollouts_path}: no problem has both a verified-correct and a complete "
+            f"wrong rollout (wrong_answer={counts.get('wrong_answer', 0)}; truncated={counts.get('truncated', 0)} "
+            f"and timeout={counts.get('timeout', 0)} never serve as rejected); sample more or longer "
+            "(generate.samples_per_prompt, generate.max_new_tokens), import wrong traces, or compile with "
+            "dpo.enabled=false")
     rl_prompts = [
         {"id": pid, "problem": by_problem[pid][0]["problem"], "answer": by_problem[pid][0]["answer"],
          "answer_type": by_problem[pid][0].get("answer_type", "math"), **s}

@@ -67,7 +67,7 @@ from thinkforge.engines import SamplingParams, make_engine
 from thinkforge.metrics import StageMetrics
 from thinkforge.progress import progress
 from thinkforge.records import RecordError, iter_jsonl, write_json, write_jsonl
-from thinkforge.sources import load_problems
+from thinkforge.sources import imported_traces, load_problems
 from thinkforge.templates import normalize_think
 
 log = logging.getLogger("thinkforge.generate")
@@ -248,7 +248,7 @@ class RemoteShards:
         problems = hashlib.sha256(json.dumps(todo, sort_keys=True, default=str).encode()).hexdigest()
         digest = hashlib.sha256(json.dumps({"manifest": manifest, "problems": problems}, sort_keys=True,
                                            default=str).encode()).hexdigest()[:16]
-        self = cls(store, store.run_prefix(cfg.run.name, "generate", "shards", digest))
+        self = cls(store, store.run_prefix(*cfg.run.scope(), "generate", "shards", digest))
         others = [p for p in store.list_prefixes(self.prefix.rsplit("/", 1)[0]) if p != self.prefix]
         if others:
             log.info("generate: %d shard set(s) of other settings or data under %s are not used",
@@ -346,15 +346,15 @@ def generate(cfg: Recipe, out_path: str | Path, teacher_path: str | None = None,
     start = time.time()
     out_path = Path(out_path)
     problems = load_problems(cfg.data.train, limit=cfg.data.train_limit, storage=cfg.storage)
-    imported = [p for p in problems if "completion" in p]
-    todo = [p for p in problems if "completion" not in p or g.sample_imported]
+    imported = [p for p in problems if imported_traces(p)]
+    todo = [p for p in problems if not imported_traces(p) or g.sample_imported]
     teacher = teacher_path or g.teacher or cfg.model.student
     label = (g.endpoint_model or str(teacher)) if g.engine == "openai" else str(teacher)
     m = metrics or StageMetrics.disabled("generate")
     m.set("generate_prompts_planned", len(todo))
 
     def wanted(p: dict) -> range:
-        first = 1 if "completion" in p else 0  # index 0 is the imported trace
+        first = len(imported_traces(p))  # the first indices are the imported traces
         return range(first, first + g.samples_per_prompt)
 
     root = Path(g.shard_dir) if g.shard_dir else out_path.with_name(out_path.name + ".shards")
@@ -433,7 +433,8 @@ def generate(cfg: Recipe, out_path: str | Path, teacher_path: str | None = None,
         if remote is not None and not remote.flush():
             log.error("generate: %d shard(s) could not be uploaded to %s; a retry on a fresh disk samples them "
                       "again", len(remote.pending), remote.uri)
-        records = [rollout_record(p, 0, p["completion"], "stop", 0, "imported") for p in imported]
+        records = [rollout_record(p, i, trace, "stop", 0, "imported") for p in imported
+                   for i, trace in enumerate(imported_traces(p))]
         n_failed = 0
         for p in todo:
             for i in wanted(p):

@@ -292,7 +292,7 @@ def checkpoint_prefix(store: Any, cfg: Recipe, stage: str, model_path: str | Pat
     pinned = os.environ.get(ENV_CHECKPOINT_PREFIX)
     if pinned:
         return pinned.strip("/")
-    return store.run_prefix(cfg.run.name, stage, "checkpoints", fingerprint(cfg, stage, model_path, data_path))
+    return store.run_prefix(*cfg.run.scope(), stage, "checkpoints", fingerprint(cfg, stage, model_path, data_path))
 
 
 def _latest_local(root: Path) -> Path | None:
