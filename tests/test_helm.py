@@ -317,12 +317,14 @@ def test_multi_user_kfp_passes_the_profile_namespace(chart):
 )
 def test_run_service_account_follows_multi_user(chart, values, account):
     """Multi-user Kubeflow runs pipelines as the profile's default-editor; single-user KFP as pipeline-runner."""
-    docs = render(chart, deep_merge(values, {"schedule": {"enabled": True}}))
+    docs = render(chart, deep_merge(values, {"schedule": {"enabled": True}, "rbac": {"multiNodeTraining": True}}))
     _, _, main = _job_containers(docs)
     args = main["schedule"]["args"]
     assert args[args.index("--service-account") + 1] == account
-    (binding,) = of_kind(docs, "RoleBinding")
-    assert {s["name"] for s in binding["subjects"]} == {f"{RELEASE}-thinkforge", account}
+    bindings = {b["metadata"]["name"]: b for b in of_kind(docs, "RoleBinding")}
+    # the runs' account gets the Trainer Role, the upload Job's account the KFP one: never both
+    assert [s["name"] for s in bindings[f"{RELEASE}-thinkforge-trainer"]["subjects"]] == [account]
+    assert [s["name"] for s in bindings[f"{RELEASE}-thinkforge-upload"]["subjects"]] == [f"{RELEASE}-thinkforge"]
     assert ("--user-namespace" in args) == bool(values.get("kfp", {}).get("multiUser"))
 
 
@@ -449,9 +451,12 @@ def test_kfp_launcher_opt_in_points_at_minio(chart):
     (secret,) = [s for s in of_kind(docs, "Secret") if s["metadata"]["name"] == ref["secretName"]]
     assert {ref["accessKeyKey"], ref["secretKeyKey"]} == set(secret["data"])
     assert default["credentials"]["fromEnv"] is False
-    sts = of_kind(docs, "StatefulSet")[0]
-    env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["MINIO_ROOT_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": ref["secretName"], "key": "secretkey"}
+    sts = of_kind(docs, "StatefulSet")[0]["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in sts["containers"][0]["env"]}
+    (creds,) = [v for v in sts["volumes"] if v["name"] == "credentials"]
+    assert creds["secret"]["secretName"] == ref["secretName"]
+    assert {"key": "secretkey", "path": "secretkey"} in creds["secret"]["items"]
+    assert env["MINIO_ROOT_PASSWORD_FILE"]["value"] == "/etc/minio/credentials/secretkey"
 
 
 CONFLICT = '{{ include "thinkforge.kfpLauncher.conflict" (dict "ctx" $ "existing" .Values.global.probe.cm) }}'
@@ -551,11 +556,18 @@ def test_no_secret_value_outside_secrets(chart, case):
         for n in forbidden:
             assert n not in text, f"{n} leaked into {d['kind']}/{d['metadata']['name']}"
     assert not any(n in notes(chart, SECRET_CASES[case]) for n in forbidden)
-    # env literals never carry secrets; secret env comes from secretKeyRef
+    # env literals never carry secrets; secret env comes from secretKeyRef, or names a file of a mounted
+    # Secret (or projected token) volume (*_FILE, *_PATH)
     for _, spec in pod_specs(docs):
+        secret_volumes = {v["name"] for v in spec.get("volumes", []) if "secret" in v or "projected" in v}
         for c in containers(spec):
+            secret_dirs = [m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] in secret_volumes]
             for e in c.get("env", []):
-                if any(w in e["name"] for w in ("KEY", "TOKEN", "PASSWORD", "SECRET")) and e["name"] != "KF_PIPELINES_SA_TOKEN_PATH":
+                if not any(w in e["name"] for w in ("KEY", "TOKEN", "PASSWORD", "SECRET")) or e["name"] == "KF_PIPELINES_SA_TOKEN_PATH":
+                    continue  # (the KFP client's token path, set on every Job container; not a secret)
+                if e["name"].endswith(("_FILE", "_PATH")):
+                    assert any(e["value"].startswith(d.rstrip("/") + "/") for d in secret_dirs), (c["name"], e)
+                else:
                     assert "value" not in e and "secretKeyRef" in e["valueFrom"], (c["name"], e["name"])
 
 
@@ -591,34 +603,48 @@ def test_upload_job_uses_a_kfp_audience_token_only(rendered):
     assert job["automountServiceAccountToken"] is False
 
 
-@pytest.mark.parametrize("scenario", ["default", "teacher-on", "external-s3"])
-def test_rbac_least_privilege(rendered, scenario):
-    docs = rendered[scenario]
+@pytest.mark.parametrize("scenario", ["default", "teacher-on", "external-s3", "multi-node"])
+def test_rbac_least_privilege(chart, rendered, scenario):
+    """Each Role: no wildcards, nothing on Secrets or Roles, no verbs that escalate; the Trainer rights only
+    in the Role of the runs' account, and only with rbac.multiNodeTraining (tests/test_security_rbac.py
+    checks what each subject ends up with)."""
+    docs = rendered.get(scenario) or render(chart, {"rbac": {"multiNodeTraining": True}})
     assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
-    (role,) = of_kind(docs, "Role")
-    granted = {}
-    for rule in role["rules"]:
-        for field in ("apiGroups", "resources", "verbs"):
-            assert "*" not in rule[field] and all("*" not in x for x in rule[field]), rule
-        assert not set(rule["verbs"]) & {"escalate", "bind", "impersonate", "update", "deletecollection"}, rule
-        if "patch" in rule["verbs"]:  # only to adopt a Trainer job a killed launcher left (ownerReference)
-            assert set(rule["resources"]) <= {"trainjobs", "pytorchjobs"}, rule
-        assert "secrets" not in rule["resources"] and "roles" not in rule["resources"]
-        for group in rule["apiGroups"]:
-            for res in rule["resources"]:
-                granted.setdefault((group, res), set()).update(rule["verbs"])
-    assert granted[("", "pods")] == granted[("", "pods/log")] == {"get", "list", "watch"}
-    assert {"create", "get", "watch", "patch", "delete"} <= granted[("trainer.kubeflow.org", "trainjobs")]
-    assert {"create", "get", "watch", "patch", "delete"} <= granted[("kubeflow.org", "pytorchjobs")]
-    assert {"create", "get", "list"} <= granted[("pipelines.kubeflow.org", "pipelines")]
-    (binding,) = of_kind(docs, "RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
-    assert {s["name"] for s in binding["subjects"]} == {f"{RELEASE}-thinkforge", "pipeline-runner"}
+    roles = {r["metadata"]["name"]: r for r in of_kind(docs, "Role")}
+    assert set(roles) == {f"{RELEASE}-thinkforge-upload"} | ({f"{RELEASE}-thinkforge-trainer"} if scenario == "multi-node" else set())
+    for role in roles.values():
+        granted = {}
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field] and all("*" not in x for x in rule[field]), rule
+            assert not set(rule["verbs"]) & {"escalate", "bind", "impersonate", "update", "deletecollection"}, rule
+            if "patch" in rule["verbs"]:  # only to adopt a Trainer job a killed launcher left (ownerReference)
+                assert set(rule["resources"]) <= {"trainjobs", "pytorchjobs"}, rule
+            assert "secrets" not in rule["resources"] and "roles" not in rule["resources"]
+            for group in rule["apiGroups"]:
+                for res in rule["resources"]:
+                    granted.setdefault((group, res), set()).update(rule["verbs"])
+        if role["metadata"]["name"].endswith("-upload"):  # KFP's API only (its SubjectAccessReview resources)
+            assert {g for g, _ in granted} == {"pipelines.kubeflow.org"}
+            assert {"create", "get", "list"} <= granted[("pipelines.kubeflow.org", "pipelines")]
+            assert {"create", "get", "list", "delete"} <= granted[("pipelines.kubeflow.org", "jobs")]
+        else:
+            assert granted[("", "pods")] == granted[("", "pods/log")] == {"get", "list", "watch"}
+            assert {"create", "get", "watch", "patch", "delete"} <= granted[("trainer.kubeflow.org", "trainjobs")]
+            assert {"create", "get", "watch", "patch", "delete"} <= granted[("kubeflow.org", "pytorchjobs")]
+            assert "pipelines.kubeflow.org" not in {g for g, _ in granted}
+            assert "Secret" in role["metadata"]["annotations"]["thinkforge.io/grants"]  # says what it amounts to
+    for binding in of_kind(docs, "RoleBinding"):
+        assert binding["roleRef"]["kind"] == "Role" and binding["roleRef"]["name"] == binding["metadata"]["name"]
+        (subject,) = binding["subjects"]
+        expected = "pipeline-runner" if binding["metadata"]["name"].endswith("-trainer") else f"{RELEASE}-thinkforge"
+        assert subject == {"kind": "ServiceAccount", "name": expected, "namespace": NAMESPACE}
 
 
-def test_rbac_without_trainer(chart):
-    (role,) = of_kind(render(chart, {"rbac": {"trainer": False}}), "Role")
-    assert not [r for r in role["rules"] if {"trainer.kubeflow.org", "kubeflow.org"} & set(r["apiGroups"])]
+def test_rbac_without_multi_node_training(rendered):
+    for scenario, docs in rendered.items():
+        for role in of_kind(docs, "Role"):
+            assert not [r for r in role["rules"] if {"trainer.kubeflow.org", "kubeflow.org", ""} & set(r["apiGroups"])], scenario
 
 
 def test_network_policy_limits_training_egress(chart, rendered):

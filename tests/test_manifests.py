@@ -84,7 +84,7 @@ def test_kustomize_output_validates_strict(built, target):
 def test_base_matches_the_charts_core_objects(built):
     docs = built["base"]
     assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == sorted([
-        ("Job", "thinkforge-upload"), ("Role", "thinkforge"), ("RoleBinding", "thinkforge"), ("Secret", "thinkforge-s3"),
+        ("Job", "thinkforge-upload"), ("Role", "thinkforge-upload"), ("RoleBinding", "thinkforge-upload"), ("Secret", "thinkforge-s3"),
         ("Service", "thinkforge-minio"), ("ServiceAccount", "thinkforge"), ("StatefulSet", "thinkforge-minio"),
     ])
     for d in docs:
@@ -133,6 +133,30 @@ def test_security_contexts(built, target):
     for role in by(built[target], "Role"):
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_rbac_gives_the_job_kfp_rights_only_and_runs_nothing(built, target):
+    """The manifests install no multi-node training: the upload Job's Role is Kubeflow Pipelines API only,
+    bound to the Job's account alone, and no Role lets anyone create Trainer jobs (pods with any Secret)."""
+    docs = built[target]
+    (role,) = by(docs, "Role")
+    assert role["metadata"]["name"] == "thinkforge-upload"
+    assert {g for rule in role["rules"] for g in rule["apiGroups"]} == {"pipelines.kubeflow.org"}
+    (binding,) = by(docs, "RoleBinding")
+    assert binding["roleRef"]["name"] == "thinkforge-upload"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "thinkforge", "namespace": "kubeflow"}]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_minio_reads_its_credentials_from_files(built, target):
+    (sts,) = by(built[target], "StatefulSet")
+    spec = sts["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in spec["containers"][0]["env"]}
+    assert "MINIO_ROOT_PASSWORD" not in env and not [e for e in env.values() if "valueFrom" in e]
+    assert env["MINIO_ROOT_PASSWORD_FILE"]["value"] == "/etc/minio/credentials/secretkey"
+    (vol,) = [v for v in spec["volumes"] if v["name"] == "credentials"]
+    assert vol["secret"]["secretName"] == "thinkforge-s3"
 
 
 def test_cpu_demo_overlay(built):

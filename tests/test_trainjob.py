@@ -371,6 +371,14 @@ def spec(**kw) -> JobSpec:
     return JobSpec(**base)
 
 
+# What Pod Security "restricted" asks of the job's pods (they hold the S3 credentials and the HF token),
+# written out here rather than imported, so a change in thinkforge.trainjob cannot move the target.
+RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}}
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+                        "seccompProfile": {"type": "RuntimeDefault"}}
+SHM_MOUNT = [{"name": "dshm", "mountPath": "/dev/shm"}]
+
+
 def trainjob_pod(body: dict, field: str) -> tuple[dict, dict]:
     """(pod spec settings, pod metadata) of the trainer nodes, from the override field ``field``."""
     s = body["spec"]
@@ -416,9 +424,29 @@ def test_trainjob_manifest_from_the_published_models():
     pod, meta = trainjob_pod(m, "runtimePatches")
     assert pod["nodeSelector"] == {"pool": "h100"} and pod["tolerations"][0]["key"] == "gpu"
     assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}]
-    assert pod["containers"] == [{"name": "node", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}]
+    assert pod["containers"] == [{"name": "node", "volumeMounts": SHM_MOUNT, "securityContext": RESTRICTED_CONTAINER}]
+    assert pod["securityContext"] == RESTRICTED_POD
     assert meta == {"annotations": {"sidecar.istio.io/inject": "false"}}
     assert "labels" not in meta  # the chart's egress NetworkPolicy must not select the nodes (NCCL between pods)
+    # without /dev/shm the trainer container is still patched, for its security context
+    pod, _ = trainjob_pod(build_trainjob(spec(shm_size="")), "runtimePatches")
+    assert pod["containers"] == [{"name": "node", "securityContext": RESTRICTED_CONTAINER}] and "volumes" not in pod
+
+
+def test_older_releases_cannot_carry_a_security_context_and_say_so(caplog):
+    """Trainer v2.0 PodSpecOverride / v2.1 PodTemplateSpecOverride (and their ContainerOverride) declare no
+    securityContext: none is sent (the API server would prune it silently), and a warning names the runtime."""
+    for served in (TrainerAPI("podSpecOverrides", False, "CRD v2.0"), TrainerAPI("podTemplateOverrides", False, "CRD v2.1")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="thinkforge.trainjob"):
+            body = build_trainjob(spec(), served)
+        assert "securityContext" not in json.dumps(body)
+        assert any("carries no securityContext" in r.getMessage() and "torch-distributed" in r.getMessage()
+                   for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="thinkforge.trainjob"):
+        build_trainjob(spec(), TrainerAPI("runtimePatches", True, "CRD v2.2"))
+    assert not caplog.records
 
 
 def test_older_releases_overrides_as_they_define_them():
@@ -459,6 +487,7 @@ def test_pytorchjob_manifest():
         assert pod["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
         assert {"name": "THINKFORGE_S3_ACCESS_KEY",
                 "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "accesskey"}}} in c["env"]
+        assert pod["securityContext"] == RESTRICTED_POD and c["securityContext"] == RESTRICTED_CONTAINER
     assert "Worker" not in build_pytorchjob(spec(nodes=1))["spec"]["pytorchReplicaSpecs"]
 
 
@@ -553,7 +582,11 @@ def test_pod_settings_survive_on_every_trainer_release(kube, release, access):
     assert pod["nodeSelector"] == {"pool": "h100"}
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}]
-    assert pod["containers"] == [{"name": "node", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}]
+    if release >= "v2.2":  # PodSpecPatch / ContainerPatch carry securityContext; older overrides do not
+        assert pod["containers"] == [{"name": "node", "volumeMounts": SHM_MOUNT, "securityContext": RESTRICTED_CONTAINER}]
+        assert pod["securityContext"] == RESTRICTED_POD
+    else:
+        assert pod["containers"] == [{"name": "node", "volumeMounts": SHM_MOUNT}] and "securityContext" not in pod
     assert ("activeDeadlineSeconds" in stored["spec"]) == (release >= "v2.2")
     if release != "v2.0":  # v2.0 cannot annotate pods
         assert meta["annotations"] == {"sidecar.istio.io/inject": "false"}

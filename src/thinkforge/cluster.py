@@ -15,6 +15,12 @@ How a client finds KFP (`client`):
 KFP cron expressions have 6 fields, seconds first: `second minute hour day-of-month month day-of-week`
 (robfig/cron). `0 0 3 * * 0` is Sundays at 03:00:00. Descriptors (`@daily`, `@every 6h`) work too.
 A 5-field Unix cron is refused with a hint rather than silently shifted by one field.
+
+Images by digest: the component code lives in the image, so a pipeline version whose tasks name an image
+by tag runs whatever the tag points at when a run starts. `--image-digest sha256:...` pins the tasks'
+image (and the Trainer jobs', through `cluster.image`) as `<repository>@sha256:...`; every image of the
+pipeline being uploaded is checked, and one named by tag only is a warning, or an error with
+`--require-digest` (or `$THINKFORGE_REQUIRE_IMAGE_DIGEST=1`), before anything is uploaded.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ if TYPE_CHECKING:  # kfp is heavy; imported where used
 log = logging.getLogger(__name__)
 
 KFP_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
+ENV_REQUIRE_DIGEST = "THINKFORGE_REQUIRE_IMAGE_DIGEST"
+# an OCI digest: algorithm ":" hex (sha256: 64 hex digits)
+_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[0-9a-fA-F]{32,}$")
 SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 DEFAULT_NAMESPACE = "kubeflow"
 
@@ -222,6 +231,118 @@ def validate_cron(cron: str) -> str:
     return text
 
 
+# --- images by digest ----------------------------------------------------------------------------------
+
+
+def split_image(ref: str) -> tuple[str, str, str]:
+    """(name, tag, digest) of an image reference; tag and digest may be empty. A registry port is not a tag
+    (`localhost:5000/x` has none)."""
+    ref = ref.strip()
+    name, _, digest = ref.partition("@")
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    tag = ""
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1:]
+    return name, tag, digest
+
+
+def is_pinned(ref: str) -> bool:
+    """True when the reference names its image by digest (`name@sha256:...`, with or without a tag)."""
+    return bool(_DIGEST.match(split_image(ref)[2]))
+
+
+def pin_image(image: str, digest: str) -> str:
+    """`image` as `<name>@<digest>`: the tag, if any, is dropped (a digest cannot move; the tag only said
+    where the digest was looked up). Raises ValueError for a malformed digest or one that disagrees with a
+    digest the reference already has."""
+    digest = digest.strip()
+    if not _DIGEST.match(digest):
+        raise ValueError(f"--image-digest {digest!r}: expected sha256:<64 hex digits> (e.g. from "
+                         "`docker buildx imagetools inspect IMAGE` or `crane digest IMAGE`)")
+    name, _, have = split_image(image)
+    if not name:
+        raise ValueError(f"image {image!r}: no repository to pin")
+    if have and have != digest:
+        raise ValueError(f"image {image!r} already names digest {have}, not --image-digest {digest}")
+    return f"{name}@{digest}"
+
+
+def require_digest_default() -> bool:
+    return os.environ.get(ENV_REQUIRE_DIGEST, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_images(images: list[str], require: bool, where: str) -> None:
+    """Warn about (``require``: refuse) images named by tag only; ``where`` says what names them."""
+    loose = sorted({i for i in images if i and not is_pinned(i)})
+    if not loose:
+        return
+    msg = (f"{where} names {len(loose)} image(s) by tag, not digest: {', '.join(loose)}. The component code lives "
+           "in the image, so this version would run whatever the tag points at when a run starts; pin it with "
+           "--image-digest sha256:... (the chart: image.digest)")
+    if require:
+        raise ClusterError(msg + " (refused: --require-digest)")
+    log.warning("%s", msg)
+
+
+def pipeline_image(image: str, digest: str, recipe: Any = None) -> str:
+    """The image to compile the pipeline with: ``image`` pinned to ``digest`` when one is given (without
+    ``image``: the recipe's ``cluster.image`` or the default image), else ``image`` as given ("" = the
+    recipe's or the default, decided by the compiler)."""
+    if not digest:
+        return image or ""
+    if not image:
+        from thinkforge.pipelines.training import DEFAULT_IMAGE  # lazy: pulls in kfp.dsl
+
+        image = (recipe.cluster.image if recipe is not None else "") or DEFAULT_IMAGE
+    return pin_image(image, digest)
+
+
+def package_images(package_path: str | Path) -> list[str]:
+    """Every container image a compiled pipeline (KFP IR YAML) names: its executors, and the fixed
+    ``cluster__image`` that multi-node stages give their Trainer jobs."""
+    import yaml
+
+    with open(package_path, encoding="utf-8") as f:
+        spec = next(yaml.safe_load_all(f)) or {}
+    images = [e.get("container", {}).get("image", "") for e in
+              (spec.get("deploymentSpec", {}).get("executors", {}) or {}).values()]
+    images = [i for i in images if i]
+
+    def walk(node: Any) -> None:  # a constant cluster__image input of any task
+        if isinstance(node, dict):
+            value = node.get("cluster__image")
+            if isinstance(value, dict):
+                const = value.get("runtimeValue", {}).get("constant")
+                if isinstance(const, str) and const:
+                    images.append(const)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(spec.get("root", {}))
+    return images
+
+
+def compile_pinned(recipe: Any, out_path: str | Path, *, image: str = "", digest: str = "", require: bool = False,
+                   where: str = "") -> Path:
+    """Compile ``recipe`` to ``out_path`` with its image pinned to ``digest`` (see :func:`pipeline_image`),
+    then check every image it names (:func:`check_images`): a refused pipeline leaves no file at ``out_path``."""
+    from thinkforge.pipelines.training import compile_pipeline  # lazy: pulls in kfp.dsl and the components
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pinned = pipeline_image(image, digest, recipe)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".thinkforge-compile-") as tmp:
+        staged = Path(tmp) / out.name
+        compile_pipeline(recipe, staged, **({"image": pinned} if pinned else {}))
+        check_images(package_images(staged), require, where or f"the pipeline compiled to {out}")
+        os.replace(staged, out)
+    return out
+
+
 # --- upload / submit / schedule ---------------------------------------------------------------------
 
 
@@ -385,6 +506,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", dest="set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a recipe field (repeatable)")
     g.add_argument("--pipeline-name", default="thinkforge", help="pipeline name in KFP (default: thinkforge)")
     g.add_argument("--image", default=None, help="container image of the pipeline's tasks when compiling (default: $THINKFORGE_IMAGE or the pipeline's)")
+    g.add_argument("--image-digest", default=None, metavar="sha256:HEX",
+                   help="pin the tasks' image (--image, else the recipe's cluster.image or the default) as <repository>@<digest>")
+    g.add_argument("--require-digest", action="store_true", default=require_digest_default(),
+                   help=f"refuse a pipeline that names any image by tag only (default: ${ENV_REQUIRE_DIGEST}; without it, a warning)")
 
 
 def _version_arg(p: argparse.ArgumentParser) -> None:
@@ -454,17 +579,21 @@ def run_params(args: argparse.Namespace, full: bool, compiled: bool = False) -> 
 
 def _package(args: argparse.Namespace, workdir: str) -> tuple[str, bool]:
     """(package path, compiled here?)."""
+    require = bool(getattr(args, "require_digest", False))
     if args.package:
         if not Path(args.package).is_file():
             raise ClusterError(f"--package {args.package}: no such file")
+        if getattr(args, "image_digest", None):
+            raise ClusterError("--image-digest pins the image of a pipeline compiled here; --package names its images "
+                               "already (compile it with --image-digest)")
+        check_images(package_images(args.package), require, f"--package {args.package}")
         return args.package, False
     if not args.recipe:
         raise ClusterError("give --package pipeline.yaml, or --recipe R to compile one")
-    from thinkforge.pipelines.training import compile_pipeline  # lazy: pulls in kfp.dsl and the components
-
-    out = str(Path(workdir) / "pipeline.yaml")
-    compile_pipeline(_recipe(args), out, **({"image": args.image} if args.image else {}))
-    return out, True
+    out = compile_pinned(_recipe(args), Path(workdir) / "pipeline.yaml", image=args.image or "",
+                         digest=getattr(args, "image_digest", None) or "", require=require,
+                         where=f"the pipeline compiled from {args.recipe}")
+    return str(out), True
 
 
 def check_params(package_path: str | Path, params: dict[str, Any]) -> None:

@@ -42,6 +42,14 @@
   read from the API), so deleting the pod or the run garbage-collects the job; SIGTERM (a terminated
   run), a failure and the follow deadline delete the job; and the job's own deadline
   (``activeDeadlineSeconds``) stops it if nobody is left to.
+- The job's pods hold the S3 credentials and the HF token, so they run with the security context Pod
+  Security's "restricted" profile asks for: non-root (the image's uid/gid 10001, docker/Dockerfile.*), no
+  privilege escalation, every capability dropped, seccomp ``RuntimeDefault`` (:data:`POD_SECURITY_CONTEXT`,
+  :data:`CONTAINER_SECURITY_CONTEXT`). A PyTorchJob carries them in its pod templates; a TrainJob in
+  ``runtimePatches`` (v2.2+: the pod's and the ``node`` container's ``securityContext``). Trainer v2.0
+  (``podSpecOverrides``) and v2.1 (``podTemplateOverrides``) have no such field: there the pods get the
+  runtime's security context only, and a warning says so (the chart README shows the patch to the
+  ClusterTrainingRuntime that gives it one).
 - Pods do not share the component's local files: the input model, data and config are staged in
   object storage under ``<storage.prefix>/<run>/<stage>/trainjob/<job>/``; the job writes the trained
   model and the result there and the component downloads them.
@@ -104,6 +112,14 @@ PATCH_MANAGER = "thinkforge.io/launcher"  # runtimePatches[].manager: a domain-p
 NODE = "node"  # the torch runtime's replicated job and trainer container
 RUN_ID_LABELS = ("pipeline/runid", "workflows.argoproj.io/workflow")  # KFP run, Argo workflow
 POD_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}  # an Istio sidecar blocks rendezvous and never exits
+RUN_AS = 10001  # the image's user and group (docker/Dockerfile.cpu, docker/Dockerfile.cuda)
+#: The job pods' security context (Pod Security "restricted": non-root, seccomp RuntimeDefault).
+POD_SECURITY_CONTEXT: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
+                                        "seccompProfile": {"type": "RuntimeDefault"}}
+#: The trainer container's ("restricted": no privilege escalation, all capabilities dropped). NCCL over TCP
+#: needs no capability; RDMA/InfiniBand setups that need IPC_LOCK must relax this deliberately.
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                              "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 class TrainJobError(RuntimeError):
@@ -166,6 +182,10 @@ class JobSpec:
     shm_size: str = ""
     owner: Owner | None = None
     active_deadline_s: int = 0
+    # {} = none set (the runtime's or the operator's defaults)
+    pod_security_context: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(POD_SECURITY_CONTEXT)))
+    container_security_context: dict[str, Any] = field(
+        default_factory=lambda: json.loads(json.dumps(CONTAINER_SECURITY_CONTEXT)))
 
 
 @dataclass(frozen=True)
@@ -176,6 +196,12 @@ class TrainerAPI:
     overrides: str | None = "runtimePatches"
     active_deadline: bool = True
     source: str = "default"
+
+    @property
+    def security_context(self) -> bool:
+        """Whether the override field carries pod and container ``securityContext`` (v2.2+ PodSpecPatch and
+        ContainerPatch; v2.0 PodSpecOverride and v2.1 PodTemplateSpecOverride do not)."""
+        return self.overrides == "runtimePatches"
 
 
 NEWEST = TrainerAPI()
@@ -279,10 +305,21 @@ def _metadata(spec: JobSpec) -> Any:
         owner_references=owners)
 
 
-def pod_spec_patch(spec: JobSpec) -> Any:
-    """The pod settings of the trainer nodes as a typed ``PodSpecPatch`` (None: nothing to set). Its
-    fields are a subset of what every release's override accepts (v2.0 PodSpecOverride, v2.1
-    PodTemplateSpecOverride, v2.2+ PodSpecPatch)."""
+def _pod_security(spec: JobSpec) -> Any:
+    return _models().IoK8sApiCoreV1PodSecurityContext.from_dict(spec.pod_security_context) \
+        if spec.pod_security_context else None
+
+
+def _container_security(spec: JobSpec) -> Any:
+    return _models().IoK8sApiCoreV1SecurityContext.from_dict(spec.container_security_context) \
+        if spec.container_security_context else None
+
+
+def pod_spec_patch(spec: JobSpec, security: bool = True) -> Any:
+    """The pod settings of the trainer nodes as a typed ``PodSpecPatch`` (None: nothing to set). Without
+    ``security`` its fields are a subset of what every release's override accepts (v2.0 PodSpecOverride,
+    v2.1 PodTemplateSpecOverride, v2.2+ PodSpecPatch); with it, the pod's and the ``node`` container's
+    ``securityContext`` too, which only v2.2+ accepts."""
     m = _models()
     volumes, mounts = _shm(spec)
     kw: dict[str, Any] = {}
@@ -294,7 +331,15 @@ def pod_spec_patch(spec: JobSpec) -> Any:
         kw["tolerations"] = _tolerations(spec)
     if volumes:
         kw["volumes"] = volumes
-        kw["containers"] = [m.TrainerV1alpha1ContainerPatch(name=NODE, volume_mounts=mounts)]
+    container: dict[str, Any] = {}
+    if mounts:
+        container["volume_mounts"] = mounts
+    if security and _pod_security(spec) is not None:
+        kw["security_context"] = _pod_security(spec)
+    if security and _container_security(spec) is not None:
+        container["security_context"] = _container_security(spec)
+    if container:
+        kw["containers"] = [m.TrainerV1alpha1ContainerPatch(name=NODE, **container)]
     return m.TrainerV1alpha1PodSpecPatch(**kw) if kw else None
 
 
@@ -305,7 +350,13 @@ def build_trainjob(spec: JobSpec, served: TrainerAPI = NEWEST) -> dict[str, Any]
     trainer = m.TrainerV1alpha1Trainer(
         image=spec.image, command=["bash", "-c", node_script(spec)], env=_env(spec),
         num_nodes=spec.nodes, num_proc_per_node=spec.procs_per_node, resources_per_node=_resources(spec))
-    patch = pod_spec_patch(spec)
+    patch = pod_spec_patch(spec, security=served.security_context)
+    if not served.security_context and (spec.pod_security_context or spec.container_security_context):
+        log.warning("%s: the served TrainJob schema (%s) has %s, which carries no securityContext (Trainer "
+                    "v2.2+ runtimePatches does): the job's pods, which hold the S3 credentials, get only the "
+                    "security context of ClusterTrainingRuntime %s (give it runAsNonRoot, seccomp RuntimeDefault, "
+                    "allowPrivilegeEscalation false, capabilities drop ALL; see the chart README)",
+                    spec.name, served.source, served.overrides or "no pod override field", spec.runtime)
     pod_meta = m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(annotations=dict(spec.pod_annotations)) \
         if spec.pod_annotations else None
     tj_spec = m.TrainerV1alpha1TrainJobSpec(
@@ -349,10 +400,12 @@ def build_pytorchjob(spec: JobSpec) -> dict[str, Any]:
     m = _models()
     volumes, mounts = _shm(spec)
     container = m.IoK8sApiCoreV1Container(name="pytorch", image=spec.image, command=["bash", "-c", node_script(spec)],
-                                          env=_env(spec), resources=_resources(spec), volume_mounts=mounts or None)
+                                          env=_env(spec), resources=_resources(spec), volume_mounts=mounts or None,
+                                          security_context=_container_security(spec))
     pod = m.IoK8sApiCoreV1PodSpec(containers=[container], service_account_name=spec.service_account or None,
                                   node_selector=dict(spec.node_selector) or None,
-                                  tolerations=_tolerations(spec) or None, volumes=volumes or None).to_dict()
+                                  tolerations=_tolerations(spec) or None, volumes=volumes or None,
+                                  security_context=_pod_security(spec)).to_dict()
 
     def replica(n: int) -> dict[str, Any]:
         template: dict[str, Any] = {"spec": pod}

@@ -43,9 +43,31 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- end }}
 {{- end -}}
 
+{{/*
+An image reference: <repository>@<digest> when a digest is given (a digest cannot move; the tag is then
+only what it was looked up by), else <repository>:<tag>.
+Usage: include "thinkforge.imageRef" (dict "repository" R "tag" T "digest" D)
+*/}}
+{{- define "thinkforge.imageRef" -}}
+{{- if .digest -}}
+{{- printf "%s@%s" .repository .digest -}}
+{{- else -}}
+{{- printf "%s:%s" .repository .tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The thinkforge image: the Job's containers and (pipeline.setImage) the uploaded pipeline's tasks. */}}
 {{- define "thinkforge.image" -}}
 {{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion (include "thinkforge.image.flavor" .)) -}}
-{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- include "thinkforge.imageRef" (dict "repository" .Values.image.repository "tag" $tag "digest" .Values.image.digest) -}}
+{{- end -}}
+
+{{- define "thinkforge.minio.image" -}}
+{{- include "thinkforge.imageRef" .Values.minio.image -}}
+{{- end -}}
+
+{{- define "thinkforge.teacher.image" -}}
+{{- include "thinkforge.imageRef" .Values.teacher.image -}}
 {{- end -}}
 
 {{/* image.flavor, or the one the recipe needs: cuda when a stage requests GPUs, else cpu */}}
@@ -61,26 +83,29 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 
 {{/*
 The recipes shipped in the image (recipes/*.yaml), as far as the install checks need them. The chart
-cannot read files inside the image, so this table stands in; tests/test_helm_recipes.py fails when it
-disagrees with the files. gpu: some stage requests GPUs (cluster.defaults/stages.*.gpus > 0);
+cannot read files inside the image, so this table stands in; tests/test_helm_recipes.py and
+tests/test_security_rbac.py fail when it disagrees with the files. gpu: some stage requests GPUs
+(cluster.defaults/stages.*.gpus > 0); multiNode: some training stage has nodes > 1 (a Trainer job);
 student: model.student; maxNewTokens: generate.max_new_tokens; storage: object-store size the recipe
 needs at least (checkpoints with optimizer state, ~12 bytes a parameter, keep_checkpoints=2 per
 training stage, plus rollouts and registry models).
 */}}
 {{- define "thinkforge.recipes.known" -}}
-recipes/cpu-demo.yaml: {gpu: false, student: "builtin:smollm2-135m-instruct", maxNewTokens: 128, storage: 10Gi}
-recipes/smoke.yaml: {gpu: false, student: "random:llama-tiny", maxNewTokens: 16, storage: 1Gi}
-recipes/phi4-mini-reasoning.yaml: {gpu: true, student: microsoft/Phi-4-mini-instruct, maxNewTokens: 32768, storage: 500Gi}
+recipes/cpu-demo.yaml: {gpu: false, multiNode: false, student: "builtin:smollm2-135m-instruct", maxNewTokens: 128, storage: 10Gi}
+recipes/smoke.yaml: {gpu: false, multiNode: false, student: "random:llama-tiny", maxNewTokens: 16, storage: 1Gi}
+recipes/phi4-mini-reasoning.yaml: {gpu: true, multiNode: false, student: microsoft/Phi-4-mini-instruct, maxNewTokens: 32768, storage: 500Gi}
 {{- end -}}
 
 {{/*
-Facts of the recipe the Job uploads, as JSON: source, known, gpu, student, hubModel, maxNewTokens,
-storage. An inline pipeline.recipe is read directly (unset fields take the recipe defaults); a recipe
-file from the table above; pipeline.overrides of model.student and generate.max_new_tokens apply.
+Facts of the recipe the Job uploads, as JSON: source, known, gpu, multiNode (the training stages with
+nodes > 1, as a list), student, hubModel, maxNewTokens, storage. An inline pipeline.recipe is read
+directly (unset fields take the recipe defaults); a recipe file from the table above;
+pipeline.overrides of model.student, generate.max_new_tokens and <stage>.nodes apply.
 */}}
 {{- define "thinkforge.recipe" -}}
 {{- $v := .Values -}}
-{{- $r := dict "source" $v.pipeline.recipeFile "known" false "gpu" false "student" "" "maxNewTokens" 0 "storage" "" -}}
+{{- $r := dict "source" $v.pipeline.recipeFile "known" false "gpu" false "multiNode" false "student" "" "maxNewTokens" 0 "storage" "" -}}
+{{- $nodes := dict -}}
 {{- if and $v.pipeline.recipe (kindIs "map" $v.pipeline.recipe) -}}
 {{- $rec := $v.pipeline.recipe -}}
 {{- $_ := set $r "source" "the inline pipeline.recipe" -}}
@@ -93,6 +118,12 @@ file from the table above; pipeline.overrides of model.student and generate.max_
 {{- end -}}
 {{- $_ = set $r "student" (dig "model" "student" "builtin:smollm2-135m-instruct" $rec) -}}
 {{- $_ = set $r "maxNewTokens" (int (dig "generate" "max_new_tokens" 256 $rec)) -}}
+{{- range $stage := list "midtrain" "sft" "dpo" "rl" -}}
+{{- $sec := get $rec $stage -}}
+{{- if and (kindIs "map" $sec) (gt (int (get $sec "nodes" | default 1)) 1) -}}
+{{- $_ = set $nodes $stage true -}}
+{{- end -}}
+{{- end -}}
 {{- else -}}
 {{- with get (include "thinkforge.recipes.known" . | fromYaml) $v.pipeline.recipeFile -}}
 {{- $r = merge (dict "known" true) . $r -}}
@@ -104,8 +135,20 @@ file from the table above; pipeline.overrides of model.student and generate.max_
 {{- $_ := set $r "student" $kv._1 -}}
 {{- else if eq $kv._0 "generate.max_new_tokens" -}}
 {{- $_ := set $r "maxNewTokens" (int $kv._1) -}}
+{{- else if regexMatch "^(midtrain|sft|dpo|rl)[.]nodes$" $kv._0 -}}
+{{- $stage := trimSuffix ".nodes" $kv._0 -}}
+{{- if gt (int $kv._1) 1 -}}
+{{- $_ := set $nodes $stage true -}}
+{{- else -}}
+{{- $_ := unset $nodes $stage -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- /* a shipped recipe's table entry says whether it has a multi-node stage (not which) */ -}}
+{{- if and (not $nodes) (eq (toString $r.multiNode) "true") -}}
+{{- $_ := set $nodes "a training stage" true -}}
+{{- end -}}
+{{- $_ := set $r "multiNode" (keys $nodes | sortAlpha) -}}
 {{- /* a hub name, not builtin:/random:, an object-store URI or a local path */ -}}
 {{- $s := toString $r.student -}}
 {{- $_ := set $r "hubModel" (and (ne $s "") (not (regexMatch "^(builtin:|random:|[a-z0-9]+://|/|\\.)" $s))) -}}
@@ -143,6 +186,25 @@ file from the table above; pipeline.overrides of model.student and generate.max_
 
 {{- define "thinkforge.containerSecurityContext" -}}
 {{- toYaml .Values.containerSecurityContext -}}
+{{- end -}}
+
+{{/* The Pod Security admission labels of podSecurity.* (a level "" sets no label), as YAML. */}}
+{{- define "thinkforge.podSecurity.labels" -}}
+{{- range $mode := list "enforce" "audit" "warn" -}}
+{{- with get $.Values.podSecurity $mode }}
+pod-security.kubernetes.io/{{ $mode }}: {{ . }}
+pod-security.kubernetes.io/{{ $mode }}-version: {{ $.Values.podSecurity.version }}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The same as `key=value` words for `kubectl label`. */}}
+{{- define "thinkforge.podSecurity.labelArgs" -}}
+{{- $out := list -}}
+{{- range $k, $v := include "thinkforge.podSecurity.labels" . | fromYaml -}}
+{{- $out = append $out (printf "%s=%s" $k $v) -}}
+{{- end -}}
+{{- join " " $out -}}
 {{- end -}}
 
 {{/* ---- object storage: the bundled MinIO or an external S3 ---- */}}
@@ -353,6 +415,12 @@ fails once with all of them, so a user fixes a values file in one round.
 {{- if not $v.image.repository -}}
 {{- $errors = append $errors "image.repository: must not be empty" -}}
 {{- end -}}
+{{- if hasKey $v.rbac "trainer" -}}
+{{- $errors = append $errors "rbac.trainer: removed; pipeline runs get Trainer-job rights only with rbac.multiNodeTraining=true (read what it grants in values.yaml first)" -}}
+{{- end -}}
+{{- if and $v.pipeline.requireImageDigest (not $v.image.digest) -}}
+{{- $errors = append $errors (printf "image.digest: required by pipeline.requireImageDigest: the uploaded pipeline version must name its image by digest, not by the tag %q (look it up with `docker buildx imagetools inspect` or `crane digest`, and set image.digest=sha256:...)" (include "thinkforge.image" .)) -}}
+{{- end -}}
 {{- if not (has $v.image.flavor (list "" "cpu" "cuda")) -}}
 {{- $errors = append $errors (printf "image.flavor: must be cpu, cuda or empty (got %q)" (toString $v.image.flavor)) -}}
 {{- end -}}
@@ -438,6 +506,12 @@ fails once with all of them, so a user fixes a values file in one round.
 {{- if and (ge $have 0.0) (lt $have (include "thinkforge.quantityGi" $r.storage | float64)) -}}
 {{- $errors = append $errors (printf "minio.persistence.size: %v is too small for %s, which needs at least %s (checkpoints, rollouts, registry); raise it, leave it empty, or use externalS3" $v.minio.persistence.size $r.source $r.storage) -}}
 {{- end -}}
+{{- end -}}
+{{- if and $v.rbac.create $v.rbac.multiNodeTraining $v.serviceAccount.create (eq (include "thinkforge.kfp.runServiceAccount" .) (include "thinkforge.serviceAccount.name" .)) -}}
+{{- $errors = append $errors (printf "kfp.runServiceAccount: %s is the upload Job's own ServiceAccount; with rbac.multiNodeTraining the runs' account gets Trainer-job rights, which the Job must not have: run pipelines as another account" (include "thinkforge.kfp.runServiceAccount" .)) -}}
+{{- end -}}
+{{- if and $r.multiNode $v.rbac.create (not $v.rbac.multiNodeTraining) -}}
+{{- $errors = append $errors (printf "rbac.multiNodeTraining: %s runs %s on several nodes (a Kubeflow Trainer job), which pipeline runs may only submit with rbac.multiNodeTraining=true; that lets every run create pods that can read every Secret in namespace %s (see values.yaml), or keep the stages on one node (nodes=1)" $r.source (join ", " $r.multiNode) .Release.Namespace) -}}
 {{- end -}}
 {{- if and $v.teacher.enabled $r.maxNewTokens -}}
 {{- $need := add (int $v.teacher.maxPromptTokens) (int $r.maxNewTokens) -}}
