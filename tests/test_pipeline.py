@@ -255,6 +255,7 @@ def test_ir_carries_each_stages_cluster_placement(tmp_path):
         assert spec["activeDeadlineSeconds"] == "604800"
         assert spec["podMetadata"]["labels"] == {"app.kubernetes.io/component": stage,
                                                  "app.kubernetes.io/part-of": "thinkforge"}
+        assert spec["securityContext"] == {"runAsUser": "10001", "runAsGroup": "10001", "runAsNonRoot": True}
         assert tasks[task]["retryPolicy"]["maxRetryCount"] == 5
         assert tasks[task]["retryPolicy"]["backoffDuration"] == "120s"
         assert not tasks[task]["cachingOptions"].get("enableCache", False)

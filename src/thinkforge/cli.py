@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from thinkforge.cluster import ClusterError, add_cli
+from thinkforge.cluster import ClusterError, add_cli, require_digest_default
 from thinkforge.config import ConfigError, Recipe, flatten, load_recipe, parse_set_flags
 from thinkforge.records import EmptyDataError, RecordError
 
@@ -59,9 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from thinkforge.pipelines.training import compile_pipeline
+    from thinkforge.cluster import compile_pinned
 
-    out = compile_pipeline(_recipe(args), args.out, image=args.image or "")
+    out = compile_pinned(_recipe(args), args.out, image=args.image or "", digest=args.image_digest or "",
+                         require=args.require_digest)
     print(f"wrote {out}")
     return 0
 
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_recipe_args(p)
     p.add_argument("--out", default="thinkforge-pipeline.yaml")
     p.add_argument("--image", help="container image of the components (default: cluster.image, $THINKFORGE_IMAGE, the released CPU image)")
+    p.add_argument("--image-digest", default=None, metavar="sha256:HEX", help="pin the image to this digest")
+    p.add_argument("--require-digest", action="store_true", default=require_digest_default(),
+                   help="refuse images named by tag only ($THINKFORGE_REQUIRE_IMAGE_DIGEST=1)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("config", help="print the resolved recipe")

@@ -748,6 +748,8 @@ def run_identity(cfg: Any, pod: LauncherPod | None) -> tuple[str, str]:
     """(identity, where from): the same for every attempt of one run's task, different between runs."""
     if os.environ.get(ENV_RUN_ID):
         return os.environ[ENV_RUN_ID], f"${ENV_RUN_ID}"
+    if cfg.run.id:  # the KFP run id the pipeline put in the config
+        return cfg.run.id, "run.id"
     for label in RUN_ID_LABELS:
         if pod is not None and pod.labels.get(label):
             return pod.labels[label], f"pod label {label}"
@@ -865,7 +867,7 @@ def trainjob_stage(stage: str, *, host: str | None = None, poll_s: float = 10.0,
         ckpt = checkpoint_prefix(store, cfg, stage, model_dir, data_path)  # as a one-pod stage computes it
         run_id, run_source = run_identity(cfg, pod)
         name = job_name(cfg.run.name, stage, run_id, cfg.digest(), ckpt)
-        base = store.run_prefix(cfg.run.name, stage, "trainjob", name)
+        base = store.run_prefix(*cfg.run.scope(), stage, "trainjob", name)
         uri = store.uri
         args = ["--config", uri(f"{base}/config.json"), "--model", uri(f"{base}/input-model"),
                 "--data", uri(f"{base}/{data_name}"), "--out", uri(f"{base}/model"),
