@@ -20,7 +20,15 @@ TRAIN_INPUTS = {"midtrain": "midtrain", "sft": "sft", "dpo": "dpo", "rl": "rl"}
 
 
 def load_config(artifact: Any) -> Recipe:
-    return validate(json.loads(Path(artifact.path).read_text()), origin=f"config artifact {artifact.path}")
+    """The run's config; `run.id` from the pod's THINKFORGE_RUN_ID (its Argo workflow: one per KFP run,
+    the same for a retried task), so run-scoped objects never mix two runs."""
+    import os
+
+    cfg = validate(json.loads(Path(artifact.path).read_text()), origin=f"config artifact {artifact.path}")
+    run_id = os.environ.get("THINKFORGE_RUN_ID", "")
+    if run_id and not cfg.run.id:
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"id": run_id})})
+    return cfg
 
 
 def run_stage(cfg: Recipe, stage: str, fn: Callable[[Any], Any]) -> Any:

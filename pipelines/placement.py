@@ -14,6 +14,7 @@ from thinkforge.config import ClusterConfig
 PART_OF = "thinkforge"
 SCRATCH = "/scratch"
 RUN_AS = 10001
+RUN_LABEL = "metadata.labels['workflows.argoproj.io/workflow']"
 # (cluster field, secret key -> env var, stages that get it): each secret only where it is used.
 SECRET_ENV = (
     ("s3_secret", {"accesskey": "THINKFORGE_S3_ACCESS_KEY", "secretkey": "THINKFORGE_S3_SECRET_KEY"}, None),
@@ -36,6 +37,8 @@ def place(task, stage: str, cluster: ClusterConfig, *, launcher_only: bool = Fal
     # the image's user (docker/Dockerfile.*): with KFP >= 2.16's own defaults (seccomp, no escalation,
     # dropped capabilities) a task pod then meets Pod Security "restricted"
     kubernetes.set_security_context(task, run_as_user=RUN_AS, run_as_group=RUN_AS, run_as_non_root=True)
+    # one KFP run = one Argo workflow, whose name labels each of its pods (a retried task's too)
+    kubernetes.use_field_path_as_env(task, env_name="THINKFORGE_RUN_ID", field_path=RUN_LABEL)
     if p.gpus:
         task.set_accelerator_type(p.accelerator or "nvidia.com/gpu")
         task.set_accelerator_limit(p.gpus)

@@ -60,8 +60,10 @@ def build_pipeline(recipe: Recipe, image: str = ""):
         snap = task(c.snapshot_data, "snapshot", "snapshot data", source=run["data__train"],
                     endpoint=run["storage__endpoint"], secure=run["storage__secure"], region=run["storage__region"])
         snap.set_caching_options(False)
+        # The run id reaches each pod as THINKFORGE_RUN_ID (placement), not through configure: an input
+        # of configure would change every cache key on every run.
         cfg = task(c.configure, "configure", "configure", **run, **fixed, data__snapshot=snap.output,
-                   run__id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).outputs["config"]
+                   run__id="").outputs["config"]
         base = task(c.prepare_model, "prepare", "prepare student", config=cfg).outputs["model"]
 
         gen = task(c.generate, "generate", "1 generate", config=cfg)

@@ -283,7 +283,8 @@ class PodRunner:
                     raise PodFailed(f"task {name}: CreateContainerConfigError: secret {secret!r} "
                                     f"{'not found' if data is None else 'has no key ' + repr(kv['secretKey'])}")
                 env[kv["envVar"]] = data[kv["secretKey"]]
-        fields = {"metadata.name": pod, "metadata.namespace": "kubeflow"}
+        fields = {"metadata.name": pod, "metadata.namespace": "kubeflow",
+                  "metadata.labels['workflows.argoproj.io/workflow']": self._run_id}  # one workflow per run
         for ref in platform.get("fieldPathAsEnv", []):
             env[ref["name"]] = fields.get(ref["fieldPath"], "")
         return env

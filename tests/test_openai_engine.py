@@ -658,7 +658,8 @@ def test_generate_and_filter_stages_on_a_real_server(llama_server, tmp_path):
     cfg = load_recipe(Path(__file__).parents[1] / "recipes" / "smoke.yaml", {
         "data.train": "builtin:word-problems?split=train&n=4&solutions=1", "generate.engine": "openai",
         "generate.endpoint": llama_server.url, "generate.endpoint_model": "smollm2", "generate.samples_per_prompt": 2,
-        "generate.max_new_tokens": 24, "generate.concurrency": 2, "generate.request_timeout_s": 120})
+        "generate.max_new_tokens": 24, "generate.concurrency": 2, "generate.request_timeout_s": 120,
+        "dpo.enabled": False})  # 24-token samples are mostly truncated: no complete wrong answer to pair
     res = generate(cfg, tmp_path / "rollouts.jsonl")
     llama_server.check_alive()
     assert res.rollouts == 4 * 3 and res.failed == 0

@@ -180,8 +180,14 @@ def test_smoke_run_publishes_a_complete_registry_entry(smoke_run):
     assert champion["version"] == decision["version"]
     entry = f"registry/smoke/versions/{decision['version']}"
     manifest = store.get_json(f"{entry}/manifest.json")
-    assert manifest["config_digest"] == load_recipe(ROOT / "recipes" / "smoke.yaml", {
-        "storage.bucket": store.bucket}).digest()
+    from thinkforge.config import validate
+
+    # the config the run used: the recipe plus the data snapshot digest and the KFP run id
+    used = validate(json.loads(_artifact(root, "configure", "config").read_text()))
+    assert manifest["config_digest"] == used.digest()
+    assert used.model_copy(update={"data": used.data.model_copy(update={"snapshot": ""}),
+                                   "run": used.run.model_copy(update={"id": ""})}).digest() == load_recipe(
+        ROOT / "recipes" / "smoke.yaml", {"storage.bucket": store.bucket}).digest()
     assert set(manifest["stages"]) == {"base", "midtrain", "sft", "dpo", "final"}
     assert manifest["metrics"]["word-problems"]["n_problems"] == 8
     assert manifest["lineage"]["kfp_run"] and manifest["lineage"]["sources"]["student"] == "random:llama-tiny"

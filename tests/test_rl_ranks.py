@@ -53,6 +53,9 @@ def _worker(out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"kept": [r["id"] for r in kept],
                                                              "pass_rates": [r["pass_rate"] for r in kept],
                                                              "stats": stats, "sampled": sampled}))
+    if torch.distributed.is_initialized():  # a clean gloo teardown: without it a rank can abort at exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -28,7 +28,8 @@ class RunConfig(Section):
     name: str = Field("thinkforge", description="Run name; used in object keys (sanitized) and metric labels.")
     seed: int = Field(0, ge=0, description="Seed for sampling, shuffling and initialization.")
     output_dir: str = Field("runs", description="Where `thinkforge run` keeps local pipeline roots.")
-    id: str = Field("", description="This run's id (the KFP run id, set by the pipeline; not a run parameter). With "
+    id: str = Field("", description="This run's id (in a pod: its Argo workflow, one per KFP run, from "
+                    "THINKFORGE_RUN_ID; not a run parameter). With "
                     "the name it scopes checkpoints, shards, evaluation results and Pushgateway groups, so two runs "
                     "of one recipe never share them, while a retried task of the same run finds its own.")
 
