@@ -68,7 +68,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from thinkforge.engines.base import Completion, SamplingParams, failed, stable_seed
@@ -82,6 +82,13 @@ APIS = ("chat", "completions")
 RETRY_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
 FATAL_STATUS = frozenset({401, 403, 404})
 _READ = 65536
+
+
+def _read1(resp: http.client.HTTPResponse) -> bytes:
+    """What has arrived, up to _READ bytes (read1 does not wait to fill the block)."""
+    return resp.read1(_READ) if hasattr(resp, "read1") else resp.read(_READ)
+
+
 _MASK = "***"
 
 
@@ -426,28 +433,33 @@ class OpenAIEngine:
         length = resp.getheader("Content-Length")
         if length and length.strip().isdigit() and int(length) > cap:
             raise _Fault("too_large", f"response of {int(length)} bytes exceeds max_response_bytes={cap}", False)
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            left = budget()  # raises socket.timeout once a deadline has passed
-            if sock is not None:
-                sock.settimeout(left)
-            block = resp.read1(_READ) if hasattr(resp, "read1") else resp.read(_READ)
-            if not block:
-                break
-            total += len(block)
-            if total > cap:
-                raise _Fault("too_large", f"response exceeds max_response_bytes={cap}; abandoned mid-stream", False)
-            chunks.append(block)
+        chunks = list(self._blocks(resp, sock, budget, "response"))  # budget() raises once a deadline passed
+        total = sum(map(len, chunks))
         if getattr(resp, "length", None):  # Content-Length promised more than arrived
             raise _Fault("connection", f"answer cut off after {total} bytes ({resp.length} missing)", True)
         resp.close()  # read1 leaves a fully read response open; the kept-alive connection needs it closed
         return b"".join(chunks)
 
+    def _blocks(self, resp: http.client.HTTPResponse, sock: Any, left: Callable[[], float], what: str) -> Iterator[bytes]:
+        """The response's blocks as they arrive, each read within the seconds `left()` gives (it raises
+        socket.timeout when none are left); abandoned once past max_response_bytes."""
+        cap, total = self.max_response_bytes, 0
+        while True:
+            wait = left()
+            if sock is not None:
+                sock.settimeout(wait)
+            block = _read1(resp)
+            if not block:
+                return
+            total += len(block)
+            if total > cap:
+                raise _Fault("too_large", f"{what} exceeds max_response_bytes={cap}; abandoned mid-stream", False)
+            yield block
+
     def _read_events(self, resp: http.client.HTTPResponse, sock: Any) -> dict[str, Any]:
         """A server-sent-event stream of completion chunks, put together into one non-streamed answer
         (the shape `_parse` reads). Fails when `stream_idle_timeout_s` pass without a data event."""
-        cap, idle = self.max_response_bytes, self.stream_idle_timeout_s
+        idle = self.stream_idle_timeout_s
         choices: dict[int, dict[str, Any]] = {}
         usage: dict[str, Any] | None = None
         pending = b""
@@ -455,18 +467,15 @@ class OpenAIEngine:
         total = 0
         last_data = time.monotonic()
         done = False
-        while not done:
-            left = idle - (time.monotonic() - last_data)
-            if left <= 0:
+
+        def left() -> float:  # the idle budget: only data events count as progress
+            wait = idle - (time.monotonic() - last_data)
+            if wait <= 0:
                 raise socket.timeout("idle")
-            if sock is not None:
-                sock.settimeout(left)
-            block = resp.read1(_READ) if hasattr(resp, "read1") else resp.read(_READ)
-            if not block:
-                break
+            return wait
+
+        for block in self._blocks(resp, sock, left, "stream"):
             total += len(block)
-            if total > cap:
-                raise _Fault("too_large", f"stream exceeds max_response_bytes={cap}; abandoned mid-stream", False)
             pending += block
             while not done:
                 nl = pending.find(b"\n")
@@ -486,11 +495,13 @@ class OpenAIEngine:
                     done = True
                 else:
                     usage = self._stream_event(payload, choices) or usage
+            if done:
+                break
         if done:  # read the rest of the response (the chunked terminator) so the connection can be reused
             try:
                 if sock is not None:
                     sock.settimeout(min(idle, 5.0))
-                while resp.read1(_READ) if hasattr(resp, "read1") else resp.read(_READ):
+                while _read1(resp):
                     pass
             except (OSError, http.client.HTTPException):
                 self._drop_conn()  # the server kept the answer open after [DONE]: do not reuse this connection
