@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,8 +23,6 @@ TRAIN_INPUTS = {"midtrain": "midtrain", "sft": "sft", "dpo": "dpo", "rl": "rl"}
 def load_config(artifact: Any) -> Recipe:
     """The run's config; `run.id` from the pod's THINKFORGE_RUN_ID (its Argo workflow: one per KFP run,
     the same for a retried task), so run-scoped objects never mix two runs."""
-    import os
-
     cfg = validate(json.loads(Path(artifact.path).read_text()), origin=f"config artifact {artifact.path}")
     run_id = os.environ.get("THINKFORGE_RUN_ID", "")
     if run_id and not cfg.run.id:

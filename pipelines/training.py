@@ -38,7 +38,8 @@ def build_pipeline(recipe: Recipe, image: str = ""):
     evaluations run) decide which tasks exist: a stage that is off is not in the DAG, so it starts no pod,
     and the next stage takes the previous stage's model artifact."""
     params = flatten(recipe)  # the run parameters
-    inputs = flatten(recipe, everything=True)  # what `configure` takes: the run parameters and fixed fields
+    # what `configure` takes: the run parameters and the fixed fields (run.id reaches each pod as env instead)
+    inputs = {k: v for k, v in flatten(recipe, everything=True).items() if k != "run__id"}
     # Constants of the compiled DAG: the structure fields and the cluster section (a multi-node stage
     # submits its Trainer job from it: image, Secrets, placement), with an image given here recorded.
     fixed = {k: v for k, v in inputs.items() if k in STRUCTURE_FIELDS or k not in params and k.startswith("cluster__")}
@@ -62,8 +63,7 @@ def build_pipeline(recipe: Recipe, image: str = ""):
         snap.set_caching_options(False)
         # The run id reaches each pod as THINKFORGE_RUN_ID (placement), not through configure: an input
         # of configure would change every cache key on every run.
-        cfg = task(c.configure, "configure", "configure", **run, **fixed, data__snapshot=snap.output,
-                   run__id="").outputs["config"]
+        cfg = task(c.configure, "configure", "configure", **run, **fixed, data__snapshot=snap.output).outputs["config"]
         base = task(c.prepare_model, "prepare", "prepare student", config=cfg).outputs["model"]
 
         gen = task(c.generate, "generate", "1 generate", config=cfg)

@@ -339,15 +339,12 @@ class PodRunner:
                                     start_new_session=True)
             deadline = time.monotonic() + float(platform.get("activeDeadlineSeconds") or self.task_timeout_s)
             while proc.poll() is None:
-                if kill is not None and kill(name, attempt, sandbox):
+                why = (f"attempt {attempt} of {name} killed (SIGKILL)" if kill is not None and kill(name, attempt, sandbox)
+                       else f"{name} exceeded its deadline" if time.monotonic() > deadline else "")
+                if why:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-                    fh.write(f"\n[podrunner] attempt {attempt} of {name} killed (SIGKILL)\n")
-                    return False, log
-                if time.monotonic() > deadline:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    fh.write(f"\n[podrunner] {name} exceeded its deadline\n")
+                    fh.write(f"\n[podrunner] {why}\n")
                     return False, log
                 time.sleep(0.2)
         return proc.returncode == 0, log

@@ -216,19 +216,16 @@ def builtin_source(name: str, query: dict[str, str]) -> list[dict[str, Any]]:
         raise RecordError(f"builtin:{name}: split must be train or test, got {split!r}")
     n = int(query.get("n", 400 if split == "train" else 60))
     problems = word_problems(split, n, seed=int(query.get("seed", 0)))
+    solutions = query.get("solutions") in ("1", "true")  # import mode: a short reference chain of thought each
     distractors = query.get("distractors") in ("1", "true")
-    if distractors and query.get("solutions") not in ("1", "true"):
+    if distractors and not solutions:
         raise RecordError(f"builtin:{name}: distractors=1 needs solutions=1")
-    if query.get("solutions") in ("1", "true"):  # import mode: a short reference chain of thought each
-        for p in problems:
-            solution, slip = p.pop("solution"), p.pop("distractor")
-            # distractors: also a complete worked solution with an arithmetic slip, so a small run has
-            # complete wrong answers for DPO to reject (the smoke recipe)
-            p["completions" if distractors else "completion"] = [solution, slip] if distractors else solution
-    else:
-        for p in problems:
-            p.pop("solution")
-            p.pop("distractor")
+    for p in problems:
+        solution, slip = p.pop("solution"), p.pop("distractor")
+        if distractors:  # also a complete worked solution with an arithmetic slip: wrong answers for DPO to reject
+            p["completions"] = [solution, slip]
+        elif solutions:
+            p["completion"] = solution
     return problems
 
 
@@ -270,8 +267,8 @@ def _slip(worked: str, answer: int, salt: int) -> str:
     wrong = answer + (1 + salt % 2) * (1 if salt % 4 < 2 else -1)
     if wrong < 0:
         wrong = answer + 1
-    text = worked[::-1].replace(str(answer)[::-1], str(wrong)[::-1], 1)[::-1]  # the last occurrence
-    return f"{text}\nThe answer is \\boxed{{{wrong}}}."
+    head, _, tail = worked.rpartition(str(answer))  # the result is the last occurrence
+    return f"{head}{wrong}{tail}\nThe answer is \\boxed{{{wrong}}}."
 
 
 def word_problems(split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
