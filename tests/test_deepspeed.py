@@ -67,6 +67,35 @@ def test_stage_function_choice(recipe, monkeypatch):
         plain_stage("evaluate")
 
 
+def test_worker_leaves_the_process_group(recipe, tmp_path, monkeypatch):
+    """A worker closes its process group after a barrier before it exits: a rank leaving with live gloo
+    connections can abort its peers' background threads at exit, and accelerate then fails the launch
+    (seen in CI: training done, result written, `accelerate launch exited 1`)."""
+    import torch.distributed as dist
+
+    from thinkforge import launch
+    from thinkforge.stages.train import TrainResult
+
+    calls = []
+
+    def stage(cfg, model, data, out, metrics=None):
+        calls.append(dist.is_initialized())
+        return TrainResult(steps=1, examples=1, metric="loss", first=1.0, last=0.5, seconds=0.0)
+
+    monkeypatch.setattr(launch, "plain_stage", lambda name: stage)
+    monkeypatch.setenv("RANK", "0")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        result = tmp_path / "result.json"
+        assert launch.main(["sft", "--worker", "--config", str(recipe), "--model", "m", "--data", "d",
+                            "--out", str(tmp_path / "out"), "--result", str(result)]) == 0
+        assert calls == [True] and json.loads(result.read_text())["steps"] == 1
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 def test_zero2_with_two_cpu_processes(recipe, tmp_path):

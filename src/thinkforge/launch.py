@@ -234,7 +234,20 @@ def main(argv: list[str] | None = None) -> int:
             Path(ns.result).write_text(json.dumps(result_to_json(result)))
     if _rank() == 0:
         print(json.dumps({k: v for k, v in result_to_json(result).items() if k != "history"}), flush=True)
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Wait for every rank, then close the process group: a rank that exits while its gloo peers still
+    hold connections can abort in their background threads, and accelerate then fails the whole launch."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
