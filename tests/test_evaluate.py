@@ -297,6 +297,24 @@ def test_protocol_and_endpoint_reach_the_engine(monkeypatch, tmp_path):
     assert "pass@4" in res["benchmarks"]["wp"] and "pass@5" in res["benchmarks"]["wp"]
 
 
+def test_an_endpoint_evaluation_streams_like_generation(tmp_path):
+    """engine=openai in evaluation takes generate's client settings, streaming and its idle timeout too:
+    a long reasoning answer must not hit the overall request deadline in evaluation either."""
+    from thinkforge.engines.openai import OpenAIEngine
+
+    cfg = recipe([{"name": "wp", "source": "builtin:word-problems?split=test", "limit": 3}], engine="openai",
+                 endpoint="http://127.0.0.1:9/v1", endpoint_model="m")
+    cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={
+        "stream": True, "stream_idle_timeout_s": 42.0, "request_timeout_s": 7.0, "concurrency": 3})})
+    engine = evaluate_mod.build_engine(cfg, "ignored")
+    try:
+        assert isinstance(engine, OpenAIEngine)
+        assert (engine.stream, engine.stream_idle_timeout_s) == (True, 42.0)
+        assert (engine.request_timeout_s, engine.concurrency) == (7.0, 3)
+    finally:
+        engine.close()
+
+
 def test_recipes_state_the_protocol():
     phi = load_recipe(ROOT / "recipes" / "phi4-mini-reasoning.yaml")
     assert (phi.evaluate.temperature, phi.evaluate.top_p, phi.evaluate.max_new_tokens) == (0.6, 0.95, 32768)

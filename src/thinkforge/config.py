@@ -121,6 +121,14 @@ class GenerateConfig(Section):
         0.2, ge=0.0, le=1.0, description="Fail the stage (shards kept; a rerun resumes) when more samples failed."
     )
 
+    def client_options(self) -> dict[str, Any]:
+        """The HTTP client settings of engine=openai, shared by generation and an endpoint evaluation."""
+        return dict(api=self.api, concurrency=self.concurrency, request_timeout_s=self.request_timeout_s,
+                    max_retries=self.max_retries, backoff_s=self.retry_backoff_s,
+                    max_response_bytes=self.max_response_bytes, fan_out=self.fan_out,
+                    tokenizer=self.completions_tokenizer or None, stream=self.stream,
+                    stream_idle_timeout_s=self.stream_idle_timeout_s)
+
 
 class FilterConfig(Section):
     max_completion_tokens: int = Field(0, ge=0, description="Drop rollouts longer than this (0 = no cap).")

@@ -135,11 +135,8 @@ def protocol(cfg: Recipe) -> dict[str, Any]:
 def build_engine(cfg: Recipe, model_path: str | Path, metrics: StageMetrics | None = None) -> Any:
     e = cfg.evaluate
     http: dict[str, Any] = {}
-    if e.engine == "openai":  # client tuning is shared with generate's endpoint settings
-        g = cfg.generate
-        http = dict(api=g.api, concurrency=g.concurrency, request_timeout_s=g.request_timeout_s,
-                    max_retries=g.max_retries, backoff_s=g.retry_backoff_s, max_response_bytes=g.max_response_bytes,
-                    fan_out=g.fan_out, tokenizer=g.completions_tokenizer or None, metrics=metrics)
+    if e.engine == "openai":  # client tuning (streaming too) is shared with generate's endpoint settings
+        http = dict(cfg.generate.client_options(), metrics=metrics)
     return make_engine(e.engine, str(model_path), cfg.template, dtype=e.dtype, batch_size=e.batch_size,
                        trust_remote_code=cfg.model.trust_remote_code, tensor_parallel_size=e.tensor_parallel_size,
                        endpoint=e.endpoint, endpoint_model=e.endpoint_model, seed=cfg.run.seed, **http)

@@ -467,11 +467,7 @@ def _make_engine(cfg: Recipe, teacher: Any, metrics: StageMetrics) -> Any:
     g = cfg.generate
     http: dict[str, Any] = {}
     if g.engine == "openai":
-        http = dict(api=g.api, concurrency=g.concurrency, request_timeout_s=g.request_timeout_s,
-                    max_retries=g.max_retries, backoff_s=g.retry_backoff_s,
-                    max_response_bytes=g.max_response_bytes, fan_out=g.fan_out,
-                    tokenizer=g.completions_tokenizer or None, metrics=metrics, stream=g.stream,
-                    stream_idle_timeout_s=g.stream_idle_timeout_s)
+        http = dict(g.client_options(), metrics=metrics)
     return make_engine(g.engine, teacher, cfg.template, dtype=g.dtype, batch_size=g.batch_size,
                        trust_remote_code=cfg.model.trust_remote_code, tensor_parallel_size=g.tensor_parallel_size,
                        endpoint=g.endpoint, endpoint_model=g.endpoint_model, seed=cfg.run.seed, **http)
