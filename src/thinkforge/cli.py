@@ -58,10 +58,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print what each stage books and needs; exit 2 when the recipe cannot work as placed."""
+    from thinkforge.plan import make_plan
+
+    plan = make_plan(_recipe(args), args.recipe, plan_assumptions(args))
+    print(plan.text())
+    return 0 if plan.ok else 2
+
+
+def plan_assumptions(args: argparse.Namespace):
+    from thinkforge.plan import Assumptions, parse_size_gib
+
+    try:
+        store = parse_size_gib(args.store_size) if getattr(args, "store_size", None) else None
+    except ValueError:
+        raise ConfigError(f"--store-size {args.store_size}: expected a size such as 500Gi or 1Ti") from None
+    return Assumptions(mfu=getattr(args, "mfu", 0.35), prompts=getattr(args, "prompts", None),
+                       fill=getattr(args, "fill", 0.5), accept_rate=getattr(args, "accept_rate", 0.5),
+                       gpu_product=getattr(args, "gpu_product", "") or "", store_gib=store,
+                       teacher_max_model_len=getattr(args, "teacher_max_model_len", None))
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from thinkforge.cluster import compile_pinned
+    from thinkforge.plan import preflight
 
-    out = compile_pinned(_recipe(args), args.out, image=args.image or "", digest=args.image_digest or "",
+    recipe = _recipe(args)
+    preflight(recipe, args.recipe)  # a recipe that cannot work is refused before anything is written
+    out = compile_pinned(recipe, args.out, image=args.image or "", digest=args.image_digest or "",
                          require=args.require_digest)
     print(f"wrote {out}")
     return 0
@@ -136,6 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--require-digest", action="store_true", default=require_digest_default(),
                    help="refuse images named by tag only ($THINKFORGE_REQUIRE_IMAGE_DIGEST=1)")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("plan", help="preflight: per stage GPUs, processes, memory per GPU, tokens, GPU-hours",
+                       description=cmd_plan.__doc__)
+    _add_recipe_args(p)
+    p.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilization for GPU-hours (default 0.35)")
+    p.add_argument("--prompts", type=int, default=None, help="training prompts, when the source does not say")
+    p.add_argument("--fill", type=float, default=0.5, help="mean generated length as a share of its cap (0.5)")
+    p.add_argument("--accept-rate", type=float, default=0.5, help="share of rollouts the filter accepts (0.5)")
+    p.add_argument("--gpu-product", default="", help="accelerator (nvidia.com/gpu.product label) when the "
+                   "node_selector does not name one")
+    p.add_argument("--store-size", default=None, help="object store size, e.g. 500Gi (default: the chart's "
+                   "MinIO volume for a shipped recipe)")
+    p.add_argument("--teacher-max-model-len", type=int, default=None, help="the teacher server's context length "
+                   "(default: the chart's teacher.maxModelLen when generate.endpoint is its teacher)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("config", help="print the resolved recipe")
     _add_recipe_args(p)

@@ -577,6 +577,15 @@ def run_params(args: argparse.Namespace, full: bool, compiled: bool = False) -> 
             if key not in fixed}  # structure fields went into the package compiled here
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """`thinkforge plan`'s checks on --recipe (with its --set): a recipe that cannot work as placed is refused
+    before anything reaches the KFP server."""
+    from thinkforge.plan import preflight
+
+    if args.recipe:
+        preflight(_recipe(args), args.recipe)
+
+
 def _package(args: argparse.Namespace, workdir: str) -> tuple[str, bool]:
     """(package path, compiled here?)."""
     require = bool(getattr(args, "require_digest", False))
@@ -638,6 +647,7 @@ def _upload_package(args: argparse.Namespace, kc: kfp.Client, package: str) -> t
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
+    _preflight(args)
     kc = _client(args)
     with tempfile.TemporaryDirectory(prefix="thinkforge-") as tmp:
         package, _ = _package(args, tmp)
@@ -647,6 +657,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    _preflight(args)
     kc = _client(args)
     with tempfile.TemporaryDirectory(prefix="thinkforge-") as tmp:
         package, params = _run_source(args, tmp)
@@ -661,6 +672,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     validate_cron(args.cron)  # before any network traffic
+    _preflight(args)
     kc = _client(args)
     with tempfile.TemporaryDirectory(prefix="thinkforge-") as tmp:
         package, params = _run_source(args, tmp)

@@ -517,6 +517,26 @@ class Recipe(Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
+    @model_validator(mode="after")
+    def _master_weights(self) -> Recipe:
+        """Half-precision weights need fp32 master weights to train. With model.dtype bfloat16 (or float16)
+        and no DeepSpeed, AdamW updates the bf16 weights in place: an update below half the spacing of bf16
+        numbers near a weight (2^-8 of it: ~4e-5 at 0.01) rounds back to the same weight, so at DPO's and
+        RL's lr 5e-7 nothing trains (tests/test_plan.py shows it on a real step). DeepSpeed's bf16 mode keeps
+        fp32 master partitions, so it may load half-precision weights."""
+        half = self.model.dtype in ("bfloat16", "float16")
+        stages = [s for s in ("midtrain", "sft", "dpo", "rl")
+                  if getattr(self, s).enabled and getattr(self, s).deepspeed == "none"]
+        if half and stages:
+            fields = ", ".join(f"{s}.deepspeed" for s in stages)
+            raise ValueError(
+                f"model.dtype {self.model.dtype} trains {self.model.dtype} weights in place in {', '.join(stages)} "
+                f"({fields}: none): AdamW updates smaller than the weights' {self.model.dtype} resolution round "
+                f"away (lr 5e-7 changes nothing). Set model.dtype: float32 with {stages[0]}.bf16: true (bf16 "
+                f"mixed precision over fp32 master weights), or {stages[0]}.deepspeed: zero2 or zero3 (DeepSpeed "
+                "bf16 keeps fp32 master weights)")
+        return self
+
     def digest(self) -> str:
         """A stable hash of the whole config, for lineage and caching."""
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
@@ -580,6 +600,8 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         loc = ".".join(_shown(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"{origin}: {loc}: unknown key{_unknown_key_hint(tuple(e['loc']))}")
+        elif not e["loc"]:  # a rule across sections (Recipe's validators): its message names the fields
+            lines.append(f"{origin}: {e['msg'].removeprefix('Value error, ')}")
         else:
             got = e.get("input")
             shown = repr(got) if not isinstance(got, dict) else "a mapping"
