@@ -2,14 +2,20 @@
 
 GPU count and type, node selector and tolerations for the GPU pool, CPU/memory requests and limits,
 a memory-backed /dev/shm, secrets as environment variables, timeout, retries with backoff, caching,
-and the pod labels the chart's NetworkPolicy and PodMonitor select on. kfp.local ignores all of it.
+and the pod labels the chart's NetworkPolicy and PodMonitor select on. kfp.local ignores most of it
+(not the environment variables).
+
+The teacher key allowlist (`key_hosts`) is set here too, as THINKFORGE_TEACHER_HOSTS on the pods that
+get the teacher key: a constant of the compiled pipeline, which no run parameter reaches.
 """
 
 from __future__ import annotations
 
 from kfp import kubernetes
 
-from thinkforge.config import ClusterConfig
+from urllib.parse import urlsplit
+
+from thinkforge.config import ClusterConfig, ConfigError, Recipe, key_allowed, teacher_host
 
 PART_OF = "thinkforge"
 SCRATCH = "/scratch"
@@ -21,12 +27,43 @@ SECRET_ENV = (
     ("teacher_secret", {"api-key": "THINKFORGE_TEACHER_API_KEY"}, {"generate", "evaluate"}),
     ("hf_secret", {"token": "HF_TOKEN"}, {"prepare", "generate", "midtrain", "sft", "dpo", "rl", "evaluate"}),
 )
+KEY_STAGES = {"generate", "evaluate"}  # where the teacher key may be used: they get the allowlist
+ENV_KEY_HOSTS = "THINKFORGE_TEACHER_HOSTS"  # read by thinkforge.engines.openai
 
 
-def place(task, stage: str, cluster: ClusterConfig, *, launcher_only: bool = False):
+def _endpoints(recipe: Recipe) -> list[tuple[str, str]]:
+    return [(f"{s}.endpoint", getattr(recipe, s).endpoint) for s in ("generate", "evaluate")
+            if getattr(recipe, s).engine == "openai" and getattr(recipe, s).endpoint]
+
+
+def key_hosts(recipe: Recipe) -> list[str]:
+    """The teacher key allowlist the compiled pipeline enforces: cluster.teacher_hosts, or when that is
+    empty the hosts of the recipe's own endpoints (an endpoint changed by a run parameter gets no key).
+    With a list and a teacher Secret, an endpoint of the recipe that the list leaves out is an error now
+    rather than a refused key at run time."""
+    listed = recipe.cluster.teacher_hosts
+    hosts = []
+    for field, url in _endpoints(recipe):
+        try:
+            u = urlsplit(url)
+            port = u.port or (443 if u.scheme == "https" else 80)
+            entry = teacher_host(f"{u.scheme}://{u.hostname}:{port}")
+        except ValueError:
+            continue  # not a usable URL: configure and the engine say so
+        if listed and recipe.cluster.teacher_secret and not key_allowed(u.scheme, u.hostname or "", port, listed):
+            raise ConfigError(f"{field} {url}: {u.scheme}://{u.hostname}:{port} is not on cluster.teacher_hosts "
+                              f"{listed} (the teacher key allowlist; chart: teacher.allowedHosts): add it there, or "
+                              "the run's teacher key is refused")
+        hosts.append(entry)
+    return list(listed) if listed else list(dict.fromkeys(hosts))
+
+
+def place(task, stage: str, cluster: ClusterConfig, *, launcher_only: bool = False,
+          teacher_hosts: list[str] | None = None):
     """`launcher_only`: the task only submits and follows a multi-node Trainer job, whose pods get the
     stage's GPUs and pool; the task itself runs with the defaults' placement and no GPU, so it does
-    not hold a GPU node idle while the job trains."""
+    not hold a GPU node idle while the job trains. `teacher_hosts` (`key_hosts`): the key allowlist of the
+    stages in KEY_STAGES (None = none set: only tests that place one task)."""
     p = cluster.placement(stage)
     if launcher_only:
         keep = {k: getattr(p, k) for k in ("timeout_s", "retries", "backoff_s", "backoff_factor", "backoff_max_s",
@@ -70,4 +107,6 @@ def place(task, stage: str, cluster: ClusterConfig, *, launcher_only: bool = Fal
         name = getattr(cluster, field)
         if name and (stages is None or stage in stages):
             kubernetes.use_secret_as_env(task, secret_name=name, secret_key_to_env=keys)
+    if teacher_hosts is not None and stage in KEY_STAGES:
+        task.set_env_variable(ENV_KEY_HOSTS, ",".join(teacher_hosts))
     return task

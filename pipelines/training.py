@@ -23,7 +23,7 @@ from kfp import compiler, dsl
 
 from thinkforge.components.configure import parameter_type, pipeline_docstring
 from thinkforge.components.stages import build
-from thinkforge.pipelines.placement import place
+from thinkforge.pipelines.placement import key_hosts, place
 from thinkforge.config import STRUCTURE_FIELDS, Recipe, flatten
 
 PIPELINE_NAME = "thinkforge"
@@ -46,13 +46,16 @@ def build_pipeline(recipe: Recipe, image: str = ""):
     if image:
         fixed["cluster__image"] = image
     c = build(image or recipe.cluster.image or DEFAULT_IMAGE, inputs)
+    # the teacher key allowlist, a constant env of the pods that may use the key (a run parameter cannot widen it)
+    teacher_hosts = key_hosts(recipe)
     on = {s: getattr(recipe, s).enabled for s in TRAIN_STAGES}
     ev = recipe.evaluate
 
     def task(component, stage: str, name: str, **kwargs):
         # a multi-node stage's task only launches its Trainer job (nodes is fixed here, like placement)
         launcher = stage in TRAIN_STAGES and getattr(recipe, stage).nodes > 1
-        return place(component(**kwargs), stage, recipe.cluster, launcher_only=launcher).set_display_name(name)
+        return place(component(**kwargs), stage, recipe.cluster, launcher_only=launcher,
+                     teacher_hosts=teacher_hosts).set_display_name(name)
 
     def thinkforge(*args: Any, **kwargs: Any):
         run = {**dict(zip(params, args)), **kwargs}  # KFP passes the parameters positionally

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from thinkforge.config import (STRUCTURE_FIELDS, TASK_SET_FIELDS, ConfigError, apply_overrides, flatten, load_recipe,
                                parse_set_flags, validate)
+from thinkforge.progress import add_secret
 
 if TYPE_CHECKING:  # kfp is heavy; imported where used
     import kfp
@@ -79,6 +80,7 @@ def read_token(paths: list[str] | None = None) -> str | None:
         except OSError:
             continue
         if token:
+            add_secret(token)  # read from a file, so redact() would not find it in the environment
             return token
     return None
 

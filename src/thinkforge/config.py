@@ -468,6 +468,56 @@ class Placement(Section):
         return self
 
 
+LOOPBACK_HOSTS = ("localhost", "::1")  # and 127.0.0.0/8
+
+
+def is_loopback(host: str) -> bool:
+    return host.lower() in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def teacher_host(entry: str) -> str:
+    """One `cluster.teacher_hosts` entry, normalized: `host:port` (https, or http to a loopback host) or
+    `http://host:port` (plain http to that host). No paths, credentials, wildcards or other schemes."""
+    from urllib.parse import urlsplit
+
+    text = str(entry).strip()
+    scheme = "https"
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        scheme = scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ValueError(f"{entry!r}: expected host[:port], https://host[:port] or http://host:port")
+        text = rest
+    text = text.removesuffix("/")
+    if not text or any(c in text for c in "/?#@*\\ \t") or text.startswith("."):
+        raise ValueError(f"{entry!r}: expected an exact host[:port] (no path, credentials or wildcards)")
+    try:
+        u = urlsplit(f"{scheme}://{text}")
+        host, port = u.hostname, u.port or (443 if scheme == "https" else 80)
+    except ValueError as e:
+        raise ValueError(f"{entry!r}: {e}") from None
+    if not host:
+        raise ValueError(f"{entry!r}: no host")
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port}" if scheme == "https" else f"http://{shown}:{port}"
+
+
+def key_allowed(scheme: str, host: str, port: int, allowed: list[str] | None, *, in_pod: bool = False) -> bool:
+    """May the teacher key go to scheme://host:port? `allowed` holds `teacher_host` entries, matched exactly
+    (no suffixes); an empty list allows loopback only; None (no list configured) outside a pod allows loopback
+    and https (never the key in clear text over a network), in a pod the same as an empty list."""
+    host = host.lower()
+    loop = is_loopback(host)
+    if allowed is None and not in_pod:
+        return loop or scheme == "https"
+    if not allowed:
+        return loop
+    shown = f"[{host}]" if ":" in host else host
+    if (scheme == "https" or loop) and f"{shown}:{port}" in allowed:
+        return True
+    return scheme == "http" and f"http://{shown}:{port}" in allowed
+
+
 class ClusterConfig(Section):
     """Compile-time settings for a Kubernetes cluster. Not pipeline parameters: KFP fixes pod specs
     when it compiles, so changing them means compiling (uploading) a new pipeline version."""
@@ -475,9 +525,19 @@ class ClusterConfig(Section):
     image: str = Field("", description="Component image (default $THINKFORGE_IMAGE or the released CPU image).")
     s3_secret: str = Field("", description="Secret with keys accesskey/secretkey for MinIO/S3 (THINKFORGE_S3_*).")
     teacher_secret: str = Field("", description="Secret with key api-key for the teacher endpoint.")
+    teacher_hosts: list[str] = Field(
+        default_factory=list, description="The teacher key allowlist: the only hosts the teacher API key is sent "
+        "to (generate.endpoint / evaluate.endpoint), each `host[:port]` (https; http too for a loopback host) or "
+        "`http://host:port` (plain http to that host, e.g. an in-cluster Service). Compile-time, so a run parameter "
+        "cannot widen it. Empty = the compiled recipe's own endpoints (and loopback).")
     hf_secret: str = Field("", description="Secret with key token for the Hugging Face hub (HF_TOKEN).")
     defaults: Placement = Field(default_factory=Placement, description="Placement of every stage unless overridden.")
     stages: dict[str, Placement] = Field(default_factory=dict, description=f"Per-stage placement: {STAGE_KEYS}.")
+
+    @field_validator("teacher_hosts")
+    @classmethod
+    def _teacher_hosts(cls, hosts: list[str]) -> list[str]:
+        return list(dict.fromkeys(teacher_host(h) for h in hosts))  # normalized, each once
 
     @model_validator(mode="after")
     def _stage_names(self) -> ClusterConfig:

@@ -6,7 +6,8 @@
   ``<time> <LEVEL> run_id=<id> stage=<stage> <logger>: <message>`` (or JSON lines with
   ``THINKFORGE_LOG_FORMAT=json``); every message passes through ``redact()``.
 - ``redact(text)``: masks the values of environment variables whose names contain KEY, SECRET,
-  TOKEN or PASSWORD, and passwords in ``scheme://user:password@host`` URLs.
+  TOKEN or PASSWORD, the secrets registered with ``add_secret`` (those read from mounted files, whose
+  environment variable holds only the path), and passwords in ``scheme://user:password@host`` URLs.
 """
 
 from __future__ import annotations
@@ -83,6 +84,17 @@ def secret_values(environ: dict[str, str] | None = None) -> list[str]:
     return sorted(vals, key=len, reverse=True)
 
 
+_registered: set[str] = set()
+
+
+def add_secret(value: str) -> None:
+    """Mask ``value`` in every later ``redact`` of this process: a secret read from a file (a mounted
+    Kubernetes Secret) is not in the environment, where ``redact`` finds the others."""
+    v = (value or "").strip()
+    if len(v) >= _MIN_SECRET_LEN and v.lower() not in _HARMLESS:
+        _registered.add(v)
+
+
 def redact(text: Any, extra: Iterable[str] = (), environ: dict[str, str] | None = None) -> str:
     """``text`` with secret env values (and ``extra`` strings) replaced by ``***``.
 
@@ -91,7 +103,7 @@ def redact(text: Any, extra: Iterable[str] = (), environ: dict[str, str] | None 
     alone so ordinary words are not masked. Passwords in ``scheme://user:pw@host`` are masked too.
     """
     s = str(text)
-    for v in [*secret_values(environ), *(e for e in extra if e)]:
+    for v in [*secret_values(environ), *sorted(_registered, key=len, reverse=True), *(e for e in extra if e)]:
         if v in s:
             s = s.replace(v, MASK)
     return _URL_PASSWORD.sub(lambda m: m.group("pre") + MASK + m.group("post"), s)

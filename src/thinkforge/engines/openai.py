@@ -41,7 +41,20 @@ What it does for each prompt:
   ``stream_error``.
 - **API key**: ``THINKFORGE_TEACHER_API_KEY``, or the file named by ``THINKFORGE_TEACHER_API_KEY_FILE``
   (a mounted Kubernetes secret). It is sent as ``Authorization: Bearer``, is not part of ``repr()``,
-  and is masked in every message this module logs, raises or stores.
+  and is masked in every message this module logs, raises or stores (a key read from a file is also
+  registered with ``thinkforge.progress.add_secret``, so every log line of the process masks it, as
+  it masks secrets held in the environment).
+- **key allowlist**: the key goes only to allowed hosts; the engine refuses, before any request, to
+  start with a key and an endpoint outside them (``EngineError`` naming the endpoint, the host and
+  ``cluster.teacher_hosts``). The list is ``allowed_hosts``, else ``THINKFORGE_TEACHER_HOSTS``
+  (comma-separated), which the compiled pipeline sets on the generate and evaluate pods as a constant:
+  ``cluster.teacher_hosts``, or when that is empty the compiled recipe's own endpoints, so a run
+  parameter that points ``generate.endpoint`` elsewhere cannot take the key with it. Entries match
+  exactly: ``host:port`` means https (or http to a loopback host), ``http://host:port`` plain http to
+  that host; an endpoint with credentials in it is refused outright. An empty list allows loopback
+  only. With no list at all the key goes, outside a pod (a local run), to a loopback or an https
+  endpoint, never in clear text over a network; in a pod, to loopback only. Without a key nothing is checked. Redirects are never
+  followed: a 3xx answer stops the run (``EngineError``), so the key never reaches the URL it names.
 - **token counts**: exact from ``usage.completion_tokens`` when a request returns one choice; with
   several choices, counted with ``tokenizer`` when given, else ``usage`` split by character length
   (when the server sends no usage: the number of text chunks of a streamed choice, else ~4 characters
@@ -71,13 +84,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
+from thinkforge.config import key_allowed, teacher_host
 from thinkforge.engines.base import Completion, SamplingParams, failed, stable_seed
+from thinkforge.progress import add_secret
 from thinkforge.templates import messages, render_prompt
 
 log = logging.getLogger("thinkforge.engines.openai")
 
 ENV_API_KEY = "THINKFORGE_TEACHER_API_KEY"
 ENV_API_KEY_FILE = "THINKFORGE_TEACHER_API_KEY_FILE"
+ENV_KEY_HOSTS = "THINKFORGE_TEACHER_HOSTS"  # the key allowlist, set on task pods when the pipeline compiles
+KEY_HOSTS_FIELD = "cluster.teacher_hosts"
 APIS = ("chat", "completions")
 RETRY_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
 FATAL_STATUS = frozenset({401, 403, 404})
@@ -130,7 +147,19 @@ def read_api_key(env: dict[str, str] | None = None) -> str:
         raise EngineError(f"{ENV_API_KEY_FILE}={path}: cannot read the API key file ({e.strerror})") from None
     if not key:
         raise EngineError(f"{ENV_API_KEY_FILE}={path}: the API key file is empty")
+    add_secret(key)  # the environment holds only the path: mask the value in every log line too
     return key
+
+
+def key_hosts(env: dict[str, str] | None = None) -> list[str] | None:
+    """The key allowlist of this process: THINKFORGE_TEACHER_HOSTS (normalized), or None when unset."""
+    env = os.environ if env is None else env
+    if ENV_KEY_HOSTS not in env:
+        return None
+    try:
+        return [teacher_host(h) for h in env[ENV_KEY_HOSTS].split(",") if h.strip()]
+    except ValueError as e:
+        raise EngineError(f"{ENV_KEY_HOSTS}: {e}") from None
 
 
 def _base_url(endpoint: str) -> tuple[str, str, int, str]:
@@ -157,7 +186,7 @@ class OpenAIEngine:
                  max_backoff_s: float = 60.0, max_response_bytes: int = 16 << 20, fan_out: bool = False,
                  tokenizer: Any = None, metrics: Any = None, api_key: str | None = None, seed: int = 0,
                  extra_body: dict[str, Any] | None = None, stream: bool = False,
-                 stream_idle_timeout_s: float = 300.0):
+                 stream_idle_timeout_s: float = 300.0, allowed_hosts: list[str] | None = None):
         if api not in APIS:
             raise EngineError(f"api {api!r}: expected one of {', '.join(APIS)}")
         for name, value, low in (("concurrency", concurrency, 1), ("max_retries", max_retries, 0),
@@ -191,6 +220,8 @@ class OpenAIEngine:
         self._tokenizer_spec = tokenizer if isinstance(tokenizer, str) else None
         self._tokenizer = None if isinstance(tokenizer, str) else tokenizer
         self.__key = read_api_key() if api_key is None else api_key
+        if self.__key:
+            self._check_key_host(allowed_hosts)
         self._local = threading.local()
         self._conns: list[http.client.HTTPConnection] = []
         self._conns_lock = threading.Lock()
@@ -202,6 +233,27 @@ class OpenAIEngine:
     def __repr__(self) -> str:  # never the key
         return (f"OpenAIEngine(endpoint={self.endpoint!r}, model={self.model!r}, api={self.api!r}, "
                 f"concurrency={self.concurrency}, stream={self.stream}, key={'set' if self.__key else 'none'})")
+
+    def _check_key_host(self, allowed_hosts: list[str] | None) -> None:
+        """Refuse to start with a key and an endpoint off the key allowlist (before any request)."""
+        try:
+            allowed = key_hosts() if allowed_hosts is None else [teacher_host(h) for h in allowed_hosts]
+        except ValueError as e:
+            raise EngineError(f"{KEY_HOSTS_FIELD}: {e}") from None
+        in_pod = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        if key_allowed(self.scheme, self.host, self.port, allowed, in_pod=in_pod):
+            return
+        where = f"{self.scheme}://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
+        if allowed is None and not in_pod:
+            rule = ("no allowlist is set, so the key goes only to https or loopback endpoints; list the host in "
+                    f"{ENV_KEY_HOSTS} (e.g. http://host:port) to send it over plain http")
+        else:
+            shown = ", ".join(allowed or ()) or "empty: loopback only"
+            rule = (f"it is not on the key allowlist {KEY_HOSTS_FIELD} [{shown}], fixed when the pipeline was "
+                    "compiled (a run parameter cannot widen it): add the host to cluster.teacher_hosts (chart: "
+                    "teacher.allowedHosts) and upload a new pipeline version, or run this endpoint without a key")
+        raise EngineError(f"generate.endpoint/evaluate.endpoint {self._scrub(self.endpoint)!r}: refusing to send the "
+                          f"teacher API key to {where}: {rule}")
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -563,6 +615,15 @@ class OpenAIEngine:
             return data
         message = self._server_message(raw)
         code = str(status)
+        if 300 <= status < 400:  # never followed: the key must not go to the URL a server names
+            try:
+                loc = urlsplit(resp.getheader("Location") or "")
+                to = f" to {loc.scheme}://{loc.hostname}:{loc.port or ''}".rstrip(":") if loc.hostname else ""
+            except ValueError:
+                to = ""
+            raise EngineError(f"endpoint {self._scrub(self.endpoint)} answered HTTP {status}, a redirect"
+                              f"{self._scrub(to)}: redirects are not followed (the teacher API key would go with "
+                              "it); set generate.endpoint to the server's own URL")
         if status in FATAL_STATUS:
             hint = {401: f"check {ENV_API_KEY} / {ENV_API_KEY_FILE}",
                     403: f"check {ENV_API_KEY} / {ENV_API_KEY_FILE} and the key's permissions",
