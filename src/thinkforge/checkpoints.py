@@ -24,7 +24,8 @@ in the current epoch). This module moves those directories to and from object st
   ``checkpoint-<step>`` directory and raises an error naming it and the step; nothing is uploaded.
 
 Uploads are synchronous (training waits): a background upload would race the Trainer's own
-``save_total_limit`` rotation of local directories. The callback uploads from the main process only;
+``save_total_limit`` rotation of local directories. The callback uploads from the main process only,
+after a barrier over all ranks (each writes its own RNG state and ZeRO shards into the checkpoint);
 that is complete for single-node runs (all ranks write into one local ``checkpoint-<step>``). For
 multi-node runs without a shared filesystem, each node's shards would need their own upload.
 """
@@ -161,6 +162,11 @@ class CheckpointSync(_CallbackBase):  # type: ignore[misc,valid-type]
             self.owned.discard(gone)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        # Every rank writes its own part of checkpoint-<step> (RNG state, ZeRO optimizer shards) and reaches
+        # this callback when it is done; the Trainer has no barrier between those writes and the callback,
+        # so without one rank 0 would upload (and a manifest would vouch for) a checkpoint another rank is
+        # still writing.
+        wait_for_every_rank()
         if not getattr(state, "is_world_process_zero", True):
             return control
         step = state.global_step
@@ -181,6 +187,16 @@ class CheckpointSync(_CallbackBase):  # type: ignore[misc,valid-type]
             log.error("checkpoints: upload of step %d failed (%d in a row; training goes on): %s",
                       step, self.failures, e)
         return control
+
+
+def wait_for_every_rank() -> None:
+    """A barrier over the training processes (a no-op in one process)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a training dependency
+        return
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def latest_complete(store: ObjectStore, prefix: str) -> tuple[int, str] | None:

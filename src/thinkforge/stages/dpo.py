@@ -5,6 +5,11 @@ computed once, by the incoming model itself before it is trained, and no second 
 memory; otherwise the incoming model is loaded a second time, frozen, as ``ref_model``. Either way
 the reference is the SFT model, also after a resume (the policy is loaded from the incoming model and
 only then overwritten by the checkpoint). ``beta`` and ``loss_type`` come from the config.
+
+Under N processes the precomputed log-probs are written once, by rank 0, as a ``datasets`` cache file
+beside the training data, and every rank reads that file: the data therefore lives in a directory all
+ranks of the pod share (``<out>/trainer/reference-logps``), not in each process's own temporary
+directory, where the other ranks would not find rank 0's file.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 from thinkforge.config import Recipe
 from thinkforge.records import PAIR_FIELDS
 from thinkforge.stages.train import TrainResult, callbacks, checkpointing, finish, fit, load_student, read_rows, \
-    training_args
+    training_args, world_size
 from thinkforge.templates import render_prompt, render_target, use_end_of_turn_as_eos
 
 
@@ -38,6 +43,8 @@ def dpo(cfg: Recipe, model_path: str | Path, pairs_path: str | Path, out_dir: st
         "chosen": [render_target(tok, r["chosen"]) for r in rows],
         "rejected": [render_target(tok, r["rejected"]) for r in rows],
     })
+    if precompute and world_size() > 1:
+        data = shared_cache_dir(data, Path(out_dir) / "trainer" / "reference-logps")
     args = training_args(DPOConfig, t, Path(out_dir) / "trainer", cfg.run.seed, checkpoints=checkpointing(cfg, t),
                          max_length=t.max_length, beta=t.beta, loss_type=[t.loss_type],
                          precompute_ref_log_probs=precompute)
@@ -45,3 +52,16 @@ def dpo(cfg: Recipe, model_path: str | Path, pairs_path: str | Path, out_dir: st
                          callbacks=callbacks(metrics, model))
     info = fit(trainer, cfg, "dpo", t, model_path, pairs_path, Path(out_dir) / "trainer", metrics)
     return finish(trainer, tok, out_dir, len(rows), start, precomputed_reference=precompute, **info)
+
+
+def shared_cache_dir(data: Any, directory: Path) -> Any:
+    """``data`` backed by an Arrow file in ``directory`` (one file per rank), so the cache files ``datasets``
+    derives from it (TRL's precomputed reference log-probs: ``cache-<fingerprint>.arrow`` beside the data)
+    land in a directory every rank of the pod sees. An in-memory dataset's would go to a per-process
+    temporary directory: rank 0 writes the file there and rank 1 fails to open it."""
+    import os
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    return data.map(None, cache_file_name=str(directory / f"data-rank{rank}.arrow"),
+                    new_fingerprint=f"{data._fingerprint}-rank{rank}")  # derived caches stay per rank
