@@ -29,8 +29,20 @@ Faults
     :class:`StorageError` names the operation, the endpoint and the bucket/key. Credentials are
     never logged and never appear in exceptions or ``repr``.
 
+Refused credentials
+    Authentication and authorization failures are not retried. Credentials the endpoint refuses
+    (``InvalidAccessKeyId``, ``SignatureDoesNotMatch``, ``ExpiredToken``, ``InvalidToken``) raise
+    :class:`CredentialsError`; valid credentials whose policy does not allow the request on that
+    bucket/key (``AccessDenied``) raise :class:`PermissionDenied`. Both name the operation, the
+    endpoint, the bucket/key, the S3 error code and which setting to check, never a secret or token.
+    An answer to a ``HEAD`` request (stat, exists, bucket exists) has no body, so its status alone
+    would say "AccessDenied"/"BadRequest" for any of them: the code is then asked for again with a
+    GET of the same permission. A write refused part-way (an upload_dir, a checkpoint) leaves no
+    manifest, so nothing looks complete.
+
 Credentials come only from the environment: ``THINKFORGE_S3_ACCESS_KEY``/``THINKFORGE_S3_SECRET_KEY``,
-else ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (none: anonymous requests).
+else ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (none: anonymous requests); temporary (STS)
+credentials add their session token as ``THINKFORGE_S3_SESSION_TOKEN``, else ``AWS_SESSION_TOKEN``.
 ``THINKFORGE_S3_ENDPOINT`` and ``THINKFORGE_S3_SECURE`` override the recipe's endpoint/TLS setting
 (and serve ``s3://``/``minio://`` URIs); ``THINKFORGE_S3_RETRIES``/``THINKFORGE_S3_BACKOFF`` tune retries.
 """
@@ -102,6 +114,36 @@ class IncompleteError(StorageError):
 
 class ChecksumError(StorageError):
     """A downloaded file does not match the size/sha256 recorded in the manifest."""
+
+
+class CredentialsError(StorageError):
+    """The endpoint refused the credentials themselves: an unknown access key, a secret that does not
+    match it, an expired or invalid session token (see :data:`CREDENTIAL_CODES`). Not retried."""
+
+
+class PermissionDenied(StorageError):
+    """The credentials are valid, but their policy does not allow this request on this bucket/key
+    (S3 ``AccessDenied``). Not retried."""
+
+
+#: S3 error codes of refused credentials -> what to check (names of settings, never their values)
+CREDENTIAL_CODES = {
+    "InvalidAccessKeyId": "the endpoint knows no such access key: check THINKFORGE_S3_ACCESS_KEY "
+                          "(or AWS_ACCESS_KEY_ID) and that it belongs to this endpoint",
+    "SignatureDoesNotMatch": "the secret key does not belong to the access key: check THINKFORGE_S3_SECRET_KEY "
+                             "(or AWS_SECRET_ACCESS_KEY)",
+    "ExpiredToken": "the temporary credentials have expired: renew the access key, secret key and session token "
+                    "(THINKFORGE_S3_SESSION_TOKEN or AWS_SESSION_TOKEN)",
+    "TokenRefreshRequired": "the temporary credentials must be renewed: renew the access key, secret key and "
+                            "session token (THINKFORGE_S3_SESSION_TOKEN or AWS_SESSION_TOKEN)",
+    "InvalidToken": "the session token is malformed or not the one issued with this access key: check "
+                    "THINKFORGE_S3_SESSION_TOKEN (or AWS_SESSION_TOKEN)",
+}
+#: S3 error codes of a request the credentials' policy does not allow
+DENIED_CODES = {
+    "AccessDenied": "the credentials are valid but their IAM or bucket policy does not allow this request on "
+                    "this bucket/key",
+}
 
 
 #: errnos of a local disk that is full or a file over a size limit: not retried, the file is named
@@ -489,6 +531,14 @@ class ObjectStore:
                     raise NotFound(f"{what}: no object {self.where(key)}") from None
                 if e.code == "NoSuchBucket":
                     raise NotFound(f"{what}: bucket {self.bucket!r} does not exist at {self.endpoint}") from None
+                if e.code in CREDENTIAL_CODES:
+                    raise CredentialsError(
+                        f"{what} {self.where(key)} failed: S3 error {e.code}: {e.message} ({CREDENTIAL_CODES[e.code]})"
+                    ) from e
+                if e.code in DENIED_CODES:
+                    raise PermissionDenied(
+                        f"{what} {self.where(key)} failed: S3 error {e.code}: {e.message} ({DENIED_CODES[e.code]})"
+                    ) from e
                 err: BaseException = e
             except (StorageError, ValueError, TypeError, DiskWriteError):
                 raise
@@ -508,6 +558,55 @@ class ObjectStore:
             f"(endpoint {self.endpoint} unreachable or failing): {_describe(err)}"
         ) from err
 
+    # ------------------------------------------------------------------------ HEAD answers
+
+    @staticmethod
+    def _explain_head(err: Exception, probe: Callable[[], Any]) -> Exception:
+        """The real S3 error behind a HEAD request's bodiless 403/400 (minio can only name it
+        ``AccessDenied``/``BadRequest`` from the status: an unknown key, a wrong secret and an expired
+        token look alike): ``probe`` (a GET needing the same permission) is sent, and its error is
+        returned when it names credentials, a denial or a transient fault (a skewed clock is a 403
+        too); otherwise ``err`` itself."""
+        from minio.error import S3Error
+
+        if not isinstance(err, S3Error) or err.code not in ("AccessDenied", "BadRequest"):
+            return err
+        if getattr(err.response, "data", None):  # a body: the code is the server's own
+            return err
+        try:
+            probe()
+        except S3Error as e:
+            if e.code in CREDENTIAL_CODES or e.code in DENIED_CODES or e.code in RETRYABLE_CODES:
+                return e
+        except Exception:  # noqa: BLE001 - the probe only explains; the HEAD's error stands
+            pass
+        return err
+
+    def _stat_object(self, key: str) -> Any:
+        from minio.error import S3Error
+
+        def probe() -> None:
+            resp = self._client.get_object(self.bucket, key, offset=0, length=1)
+            resp.close()
+            resp.release_conn()
+
+        try:
+            return self._client.stat_object(self.bucket, key)
+        except S3Error as e:
+            raise self._explain_head(e, probe) from None
+
+    def _bucket_exists(self) -> bool:
+        from minio.error import S3Error
+
+        def probe() -> None:  # ListBucket, the permission HEAD bucket needs
+            for _ in self._client.list_objects(self.bucket, prefix="thinkforge-auth-probe/"):
+                break
+
+        try:
+            return self._client.bucket_exists(self.bucket)
+        except S3Error as e:
+            raise self._explain_head(e, probe) from None
+
     # -------------------------------------------------------------------------------- buckets
 
     def ensure_bucket(self) -> None:
@@ -515,7 +614,7 @@ class ObjectStore:
         from minio.error import S3Error
 
         def go() -> None:
-            if self._client.bucket_exists(self.bucket):
+            if self._bucket_exists():
                 return
             try:
                 self._client.make_bucket(self.bucket, location=self.region)
@@ -622,14 +721,14 @@ class ObjectStore:
     def exists(self, key: str) -> bool:
         key = check_key(key)
         try:
-            self._call("stat", key, lambda: self._client.stat_object(self.bucket, key))
+            self._call("stat", key, lambda: self._stat_object(key))
         except NotFound:
             return False
         return True
 
     def stat(self, key: str) -> Any:
         key = check_key(key)
-        return self._call("stat", key, lambda: self._client.stat_object(self.bucket, key))
+        return self._call("stat", key, lambda: self._stat_object(key))
 
     def list_keys(self, prefix: str) -> list[str]:
         """Every object key under ``prefix/`` (recursive, sorted)."""
@@ -851,7 +950,9 @@ def download_to_cache(uri: str, cfg: StorageConfig | None = None) -> Path:
 
     A cached file is reused while the remote ETag is unchanged; a cached directory is reused while its
     manifest is unchanged. If the endpoint is unreachable but a complete cached copy exists, that copy is
-    used (with a warning).
+    used (with a warning). Refused credentials and denied requests (:class:`CredentialsError`,
+    :class:`PermissionDenied`) raise even then: they are no outage, and a revoked permission is not
+    to be bypassed through the cache.
     """
     store, key = ObjectStore.from_uri(uri, cfg)
     if not key:
@@ -889,7 +990,7 @@ def download_to_cache(uri: str, cfg: StorageConfig | None = None) -> Path:
             raise
         raise NotFound(f"{uri}: no such object or directory at {store.endpoint}") from None
     except StorageError as e:
-        if isinstance(e, NotFound):
+        if isinstance(e, (NotFound, CredentialsError, PermissionDenied)):
             raise
         if (dest.is_file() and cached_meta()) or (dest.is_dir() and local_is_complete(dest)):
             log.warning("storage: %s unreachable (%s); using the cached copy %s", uri, e, dest)

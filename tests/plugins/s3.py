@@ -1,10 +1,34 @@
-"""S3 fixtures: a real S3 server on loopback (moto's threaded server) and a fault-injecting TCP proxy.
+"""S3 fixtures: a real S3 server on loopback (moto's threaded server) that checks signatures, and a
+fault-injecting TCP proxy.
 
 ``s3_server`` (session) starts ``moto.server.ThreadedMotoServer`` on a free 127.0.0.1 port. It is a
 real HTTP server speaking the S3 REST API (the `minio` client talks to it over a socket: multipart,
-listing, deletes), not an in-process mock. **It does not check signatures**: any access/secret key is
-accepted, so tests here prove protocol behaviour, not authentication. Nothing global is set (no
-``AWS_*`` environment variables); callers get the endpoint and dummy credentials from the fixture.
+listing, deletes), not an in-process mock, and its **authentication is on**: every request must be
+signed (SigV4) with an access key of one of its IAM users, and is authorized against that user's IAM
+policies. Setup (while the server still takes unsigned requests, moto's ``INITIAL_NO_AUTH_ACTION_COUNT``
+being infinite) creates an IAM user with an S3/IAM/STS allow-all policy, its access key and an
+assumable role through moto's IAM API (boto3); then ``/moto-api/reset-auth`` sets the no-auth count to 0.
+The fixture's ``access_key``/``secret_key`` are that user's real keys: a wrong secret is refused
+(``SignatureDoesNotMatch``), an unknown key too (``InvalidAccessKeyId``). Nothing global is set (no
+``AWS_*`` environment variables); callers get the endpoint and credentials from the fixture.
+
+What moto emulates, and what the fixture adds (moto 5.2):
+
+- SigV4 signatures (header-signed requests, as `minio` sends them), access keys of IAM users and of
+  STS ``AssumeRole`` sessions (access key + secret + session token; a token that is not the session's
+  gives ``InvalidToken``), and IAM identity policies (user inline policies, role policies) with
+  ``Allow``/``Deny``, actions and resource wildcards such as ``arn:aws:s3:::*/denied/*``.
+- Not emulated: bucket policies and ACLs in the authorization, session policies passed to AssumeRole,
+  the credentials ``GetSessionToken`` returns (they are not usable against the server), clock skew,
+  and **expiry of STS credentials**: moto records ``Expiration`` but never checks it. The fixture adds
+  that check (``_enforce_sts_expiry``): a request signed with AssumeRole credentials past their
+  expiration gets ``400 ExpiredToken``, "The provided token has expired.", as AWS S3 answers.
+- moto logs every request's headers (session tokens included) at DEBUG under ``moto.*`` in this
+  process: those loggers are held at INFO, so a test's caplog sees the client's records only.
+
+``S3Server.add_user`` creates another IAM user (optionally denied actions on some resources),
+``add_key`` registers chosen key strings as a user's access key, ``assume_role`` hands out STS
+temporary credentials; ``store(credentials=...)`` is an ObjectStore with any of them.
 
 ``object_store`` (function) is an :class:`thinkforge.storage.ObjectStore` on a fresh, empty bucket
 with short retry backoff; the bucket is emptied and removed afterwards.
@@ -17,6 +41,8 @@ once a given number of request bytes has passed (a server that dies mid-upload).
 
 from __future__ import annotations
 
+import json
+import logging
 import socket
 import threading
 import uuid
@@ -26,8 +52,18 @@ from typing import Any, Iterator
 
 import pytest
 
-ACCESS_KEY = "thinkforge-test-access"
-SECRET_KEY = "thinkforge-test-secret-0123456789"  # tests grep logs/errors for this exact string
+ACCOUNT_ID = "123456789012"  # moto's default account: every user, bucket and role lives in it
+ADMIN_USER = "thinkforge-tests"
+ROLE_NAME = "thinkforge-tests-role"
+REGION = "us-east-1"
+
+
+def policy(*statements: dict[str, Any]) -> str:
+    return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
+
+
+ALLOW_ALL = {"Effect": "Allow", "Action": ["s3:*", "iam:*", "sts:*"], "Resource": "*"}
+ALLOW_S3 = {"Effect": "Allow", "Action": ["s3:*"], "Resource": "*"}
 
 
 def free_port() -> int:
@@ -37,19 +73,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """An access key (IAM user or STS session) of the fixture server; the secret and token stay out of repr."""
+
+    access_key: str
+    secret_key: str = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    user: str = ""
+
+    def env(self) -> dict[str, str]:
+        env = {"THINKFORGE_S3_ACCESS_KEY": self.access_key, "THINKFORGE_S3_SECRET_KEY": self.secret_key}
+        if self.session_token:
+            env["THINKFORGE_S3_SESSION_TOKEN"] = self.session_token
+        return env
+
+    def secrets(self) -> list[str]:
+        """What must never appear in a message, a log record or an object."""
+        return [s for s in (self.secret_key, self.session_token) if s]
+
+
 @dataclass
 class S3Server:
-    """A running moto S3 server (see the module docstring: signatures are not checked)."""
+    """A running moto S3 server with authentication on (see the module docstring)."""
 
     host: str
     port: int
     server: Any = field(repr=False)
-    access_key: str = ACCESS_KEY
-    secret_key: str = field(default=SECRET_KEY, repr=False)
+    access_key: str = ""
+    secret_key: str = field(default="", repr=False)
+    role_arn: str = ""
 
     @property
     def endpoint(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.endpoint}"
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials(self.access_key, self.secret_key, user=ADMIN_USER)
 
     def env(self) -> dict[str, str]:
         """Environment for a child process (or monkeypatch) that reaches this server via from_config/from_uri."""
@@ -66,14 +131,16 @@ class S3Server:
         return StorageConfig(endpoint=self.endpoint, secure=False, bucket=bucket or new_bucket_name(), prefix=prefix)
 
     def store(self, bucket: str | None = None, *, endpoint: str | None = None, create: bool = True,
-              retries: int = 4, backoff: float = 0.02, **kwargs: Any) -> Any:
-        """An ObjectStore on ``bucket`` (a fresh name by default), created unless ``create=False``.
-        ``endpoint`` lets a test route through a proxy to this server."""
+              retries: int = 4, backoff: float = 0.02, credentials: Credentials | None = None, **kwargs: Any) -> Any:
+        """An ObjectStore on ``bucket`` (a fresh name by default), created unless ``create=False``, signed
+        with the fixture's keys or ``credentials``. ``endpoint`` lets a test route through a proxy to this server."""
         from thinkforge.storage import ObjectStore
 
+        c = credentials or self.credentials
         store = ObjectStore(
-            endpoint or self.endpoint, bucket or new_bucket_name(), access_key=self.access_key,
-            secret_key=self.secret_key, secure=False, retries=retries, backoff=backoff, max_backoff=0.2, **kwargs,
+            endpoint or self.endpoint, bucket or new_bucket_name(), access_key=c.access_key,
+            secret_key=c.secret_key, session_token=c.session_token, secure=False, retries=retries,
+            backoff=backoff, max_backoff=0.2, **kwargs,
         )
         if create:
             store.ensure_bucket()
@@ -84,6 +151,50 @@ class S3Server:
         from minio import Minio
 
         return Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False)
+
+    def boto(self, service: str, credentials: Credentials | None = None) -> Any:
+        """A boto3 client of this server (``iam``, ``sts``, ``s3``), signed with the fixture's keys."""
+        import boto3
+        from botocore.config import Config
+
+        c = credentials or self.credentials
+        return boto3.client(service, endpoint_url=self.url, region_name=REGION, aws_access_key_id=c.access_key,
+                            aws_secret_access_key=c.secret_key, aws_session_token=c.session_token,
+                            config=Config(parameter_validation=False, retries={"max_attempts": 1}))
+
+    def add_user(self, name: str | None = None, *, deny: dict[str, list[str]] | None = None) -> Credentials:
+        """A new IAM user allowed all of S3, except ``deny``: ``{action: [resource ARN patterns]}``,
+        e.g. ``{"s3:PutObject": ["arn:aws:s3:::*/denied/*"]}`` (an explicit Deny wins over the Allow)."""
+        iam = self.boto("iam")
+        name = name or f"tf-user-{uuid.uuid4().hex[:8]}"
+        iam.create_user(UserName=name)
+        stmts: list[dict[str, Any]] = [ALLOW_S3]
+        for action, resources in (deny or {}).items():
+            stmts.append({"Effect": "Deny", "Action": [action], "Resource": list(resources)})
+        iam.put_user_policy(UserName=name, PolicyName="s3", PolicyDocument=policy(*stmts))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return Credentials(key["AccessKeyId"], key["SecretAccessKey"], user=name)
+
+    def add_key(self, access_key: str, secret_key: str) -> Credentials:
+        """Make the chosen strings a valid access key (a new user allowed all of S3): for tests whose
+        dummy secrets must really sign requests. IAM cannot choose a key, so the key it creates is renamed
+        in moto's in-process IAM backend."""
+        from moto.iam.models import iam_backends
+
+        made = self.add_user()
+        backend = iam_backends[ACCOUNT_ID]["aws"]
+        key = backend.access_keys.pop(made.access_key)
+        key.access_key_id, key.secret_access_key = access_key, secret_key
+        backend.access_keys[access_key] = key
+        return Credentials(access_key, secret_key, user=made.user)
+
+    def assume_role(self, duration_s: int = 900) -> Credentials:
+        """STS temporary credentials (AssumeRole on a role allowed all of S3) valid for ``duration_s``
+        seconds; below AWS's 900 s minimum too (the fixture's client does not validate), so a test can
+        let them expire."""
+        c = self.boto("sts").assume_role(RoleArn=self.role_arn, RoleSessionName=f"tf-{uuid.uuid4().hex[:8]}",
+                                         DurationSeconds=duration_s)["Credentials"]
+        return Credentials(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"], user=ROLE_NAME)
 
     def drop_bucket(self, bucket: str) -> None:
         from minio.deleteobjects import DeleteObject
@@ -110,16 +221,95 @@ def start_moto(port: int = 0) -> Any:
     return server
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A moto S3 server on a free loopback port for the whole session (no signature checks)."""
-    pytest.importorskip("moto.server", reason="moto[server] is needed for S3 tests")
+def _set_no_auth_count(url: str, count: float) -> str:
+    """moto's ``/moto-api/reset-auth``: the next ``count`` requests go unchecked (inf: auth off, 0: on).
+    Returns the previous count."""
+    import requests
+
+    resp = requests.post(f"{url}/moto-api/reset-auth", data=str(count).encode(), timeout=10)
+    resp.raise_for_status()
+    return resp.json()["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
+
+
+def _enforce_sts_expiry() -> Any:
+    """Make the in-process moto answer ``400 ExpiredToken`` to S3 requests signed with AssumeRole
+    credentials past their expiration (moto records it, never checks it). Returns the undo function."""
+    from moto.core.utils import utcnow
+    from moto.iam import access_control as ac
+    from moto.s3.exceptions import S3ClientError
+    from moto.sts.models import sts_backends
+
+    class ExpiredTokenError(S3ClientError):
+        code = "ExpiredToken"
+
+        def __init__(self) -> None:
+            super().__init__("ExpiredToken", "The provided token has expired.")
+
+    real_create, real_raise = ac.create_access_key, ac.S3IAMRequest._raise_invalid_access_key
+
+    def create_access_key(account_id: str, partition: str, access_key_id: str, headers: dict[str, str]) -> Any:
+        key = real_create(account_id=account_id, partition=partition, access_key_id=access_key_id, headers=headers)
+        if isinstance(key, ac.AssumedRoleAccessKey):
+            for role in sts_backends[account_id][partition].assumed_roles:
+                if role.access_key_id == access_key_id and role.expiration <= utcnow():
+                    raise ac.CreateAccessKeyFailure(reason="ExpiredToken")
+        return key
+
+    def raise_invalid_access_key(self: Any, reason: str) -> None:
+        if reason == "ExpiredToken":
+            raise ExpiredTokenError()
+        real_raise(self, reason)
+
+    ac.create_access_key = create_access_key
+    ac.S3IAMRequest._raise_invalid_access_key = raise_invalid_access_key
+
+    def undo() -> None:
+        ac.create_access_key = real_create
+        ac.S3IAMRequest._raise_invalid_access_key = real_raise
+
+    return undo
+
+
+def start_auth_server() -> S3Server:
+    """A moto server with an IAM user, its key and a role set up, then authentication switched on."""
     server = start_moto(0)
     host, port = server.get_host_and_port()
+    s3 = S3Server(host=host, port=port, server=server)
+    logging.getLogger("moto").setLevel(logging.INFO)  # its DEBUG records carry request headers (tokens)
     try:
-        yield S3Server(host=host, port=port, server=server)
-    finally:
+        _set_no_auth_count(s3.url, float("inf"))  # setup: the server takes unsigned/unknown-key requests
+        setup = Credentials("setup", "setup")
+        iam = s3.boto("iam", setup)
+        iam.create_user(UserName=ADMIN_USER)
+        iam.put_user_policy(UserName=ADMIN_USER, PolicyName="all", PolicyDocument=policy(ALLOW_ALL))
+        key = iam.create_access_key(UserName=ADMIN_USER)["AccessKey"]
+        s3.access_key, s3.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
+        trust = {"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT_ID}:user/{ADMIN_USER}"},
+                 "Action": "sts:AssumeRole"}
+        s3.role_arn = iam.create_role(RoleName=ROLE_NAME, AssumeRolePolicyDocument=policy(trust))["Role"]["Arn"]
+        iam.put_role_policy(RoleName=ROLE_NAME, PolicyName="s3", PolicyDocument=policy(ALLOW_S3))
+        _set_no_auth_count(s3.url, 0)  # from here on every request is authenticated and authorized
+    except BaseException:
         server.stop()
+        raise
+    return s3
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A moto S3 server on a free loopback port for the whole session, authentication on."""
+    pytest.importorskip("moto.server", reason="moto[server] is needed for S3 tests")
+    undo = _enforce_sts_expiry()
+    s3 = start_auth_server()
+    try:
+        yield s3
+    finally:
+        try:
+            _set_no_auth_count(s3.url, float("inf"))
+        except Exception:  # noqa: BLE001 - the server goes away next
+            pass
+        s3.server.stop()
+        undo()
 
 
 @pytest.fixture
