@@ -12,14 +12,13 @@ import time
 
 import pytest
 
+from thinkforge.answers import extract_answer, last_boxed
 from thinkforge.records import RecordError
 from thinkforge.verify import (
     REASONS,
     Verdict,
     Verifier,
-    extract_answer,
     is_equivalent,
-    last_boxed,
     verify_file,
 )
 
@@ -149,6 +148,74 @@ def test_extract_answer_rejects_bad_arguments():
         extract_answer("x", "essay")
     with pytest.raises(ValueError, match="mode"):
         extract_answer("x", "math", "lenient")
+
+
+# answers as real models write them (issue 14): each row failed before answers.py
+@pytest.mark.parametrize(
+    "text, mode, expected",
+    [
+        # 1. "Final Answer:" then a sentence: the expression or number that is the answer
+        ("Final Answer: The largest $n$ is 34.", "strict", ("34", "answer_is")),
+        ("Final Answer: The distance is $2\\sqrt{5}$.", "strict", (r"2\sqrt{5}", "answer_is")),
+        ("Final answer: She has 42 marbles in total.", "strict", ("42", "answer_is")),
+        # 3. an intermediate box, then a later final statement: the last one wins
+        ("First, the smaller root is $\\boxed{5}$.\nAdding 2, the final answer is 7.", "strict", ("7", "answer_is")),
+        ("Lemma: $\\boxed{x=2}$ holds.\nTherefore, the answer is 9.", "strict", ("9", "answer_is")),
+        # ... but not a later line that only talks about the answer
+        ("\\boxed{5}\n\nThis answer is consistent with the 3 cases.", "strict", ("5", "boxed")),
+        ("\\boxed{5}\n\nThe answer is correct because 2 + 3 = 5.", "strict", ("5", "boxed")),
+        # 4. boxes written side by side are one answer
+        ("The roots are $\\boxed{1}, \\boxed{2}$.", "strict", ("1, 2", "boxed")),
+        ("So $x = \\boxed{1}$ and $x = \\boxed{2}$.", "strict", ("1, 2", "boxed")),
+        ("**Final Answer**\n$\\boxed{-3}$, $\\boxed{5}$", "strict", ("-3, 5", "boxed")),
+        ("\\boxed{3}\n\n\\boxed{3}", "strict", ("3", "boxed")),  # a repeated box is one answer
+        # 5. the answer as the last inline math expression, not the last bare number before it
+        ("The legs are 1 and 3 over 2, so the area is $\\frac{3}{4}$.", "fallback", (r"\frac{3}{4}", "last_math")),
+        ("Of the 36 outcomes, 6 work, so the probability is \\(\\frac{1}{6}\\).", "fallback",
+         (r"\frac{1}{6}", "last_math")),
+        # money is not math; a bare number after the last expression still wins
+        ("We have $a = 3$ so she has 5 apples", "fallback", ("5", "last_number")),
+        ("It costs $5 and $10 in all", "fallback", ("10", "last_number")),
+        ("Thus we found the value of $n$.", "fallback", (None, None)),
+        # "\$" inside "$...$" and a multi-word \text{} after "the answer is"
+        ("The answer is $\\$18.90$.", "strict", (r"\$18.90", "answer_is")),
+        (r"The answer is \text{(B) blue}.", "strict", (r"\text{(B) blue}", "answer_is")),
+        # a completion cut off inside its box has no answer, not the last number in it
+        ("<think>Let me think about 12 and then \\boxed{12", "fallback", (None, None)),
+    ],
+)
+def test_extract_answer_as_models_write_it(text, mode, expected):
+    assert extract_answer(text, "math", mode) == expected
+
+
+def test_first_box_and_then_another_still_takes_the_last():
+    assert extract_answer(r"first \boxed{1} then \boxed{2}") == ("2", "boxed")
+    assert extract_answer(r"We try $\boxed{2}$ first, which fails, then it is \boxed{6}.") == ("6", "boxed")
+
+
+@pytest.mark.parametrize(
+    "gold, completion, expected",
+    [
+        (r"\text{Monday and Tuesday}", r"So \boxed{\text{Monday and Tuesday}}", True),
+        (r"\text{Monday and Tuesday}", r"So \boxed{\text{Monday}}", False),
+        (r"\text{Monday and Tuesday}", r"So \boxed{\text{Tuesday and Wednesday}}", False),
+        (r"\text{(B) blue}", r"The answer is \text{(B) blue}.", True),
+        (r"\text{(B) blue}", r"The answer is \text{(B) green}.", False),
+        (r"\text{the empty set}", r"\boxed{\text{The empty set}}", True),
+        ("1, 2", r"The roots are $\boxed{1}, \boxed{2}$.", True),
+        ("1,2", r"So $x = \boxed{1}$ and $x = \boxed{2}$.", True),
+        ("2", r"The roots are $\boxed{1}, \boxed{2}$.", False),
+        ("1, 2", r"The roots are $\boxed{1}, \boxed{3}$.", False),
+        ("34", "Final Answer: The largest $n$ is 34.", True),
+        ("33", "Final Answer: The largest $n$ is 34.", False),
+        ("7", "First, the smaller root is $\\boxed{5}$.\nAdding 2, the final answer is 7.", True),
+        ("5", "First, the smaller root is $\\boxed{5}$.\nAdding 2, the final answer is 7.", False),
+        (r"\frac{3}{4}", "The legs are 1 and 3 over 2, so the area is $\\frac{3}{4}$.", True),
+        ("2", "The legs are 1 and 3 over 2, so the area is $\\frac{3}{4}$.", False),
+    ],
+)
+def test_answers_as_models_write_them_verify(exhaustive, gold, completion, expected):
+    assert exhaustive.verify(gold, completion).correct is expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +408,20 @@ def test_verify_file(tmp_path):
     # strict mode: prose without a boxed answer or "the answer is" has no answer
     counts = verify_file(src, out, mode="strict")
     assert counts["no_answer"] == 2
+
+
+def test_verify_file_takes_a_multi_word_text_answer_as_given(tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [
+        {"id": "a", "gold": r"\text{Monday and Tuesday}", "answer": r"\text{Monday and Tuesday}"},
+        {"id": "b", "gold": r"\text{(B) blue}", "answer": r"\text{(B) blue}"},
+        {"id": "c", "gold": r"\text{Monday and Tuesday}", "answer": r"\text{Monday}"},
+    ]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    verify_file(src, out)
+    got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert [got[k]["reason"] for k in "abc"] == ["correct", "correct", "wrong_answer"]
+    assert got["a"]["rule"] is None and got["a"]["extracted"] == r"\text{Monday and Tuesday}"
 
 
 @pytest.mark.parametrize(

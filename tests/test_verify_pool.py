@@ -70,7 +70,7 @@ def _wait_dead(pids, within: float = 10.0) -> list[int]:
 
 
 def _worker_pids(v: Verifier) -> list[int]:
-    return [w.pid for w in v._pool]
+    return [w.pid for w in v._pool.workers]
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_no_worker_outlives_its_parent(tmp_path, ending):
         from thinkforge.verify import Verifier
         v = Verifier(workers=2, timeout=5)
         v.verify_many([(str(i), r"\\boxed{{%d.0}}" % i, "math") for i in range(40)])
-        print(" ".join(str(w.pid) for w in v._pool), flush=True)
+        print(" ".join(str(w.pid) for w in v._pool.workers), flush=True)
         ending = {ending!r}
         if ending == "os._exit(0)":
             os._exit(0)  # no atexit, no finalizers
@@ -241,14 +241,14 @@ def test_a_forked_child_gets_workers_of_its_own_and_leaves_the_parents_alone():
         item = lambda k: (r"\frac{1}{%d}" % k, r"\boxed{%r}" % (1 / k), "math")  # noqa: E731
         v = Verifier(workers=1, timeout=5)
         assert v.verify(*item(2)).correct
-        parent_pids = [w.pid for w in v._pool]
+        parent_pids = [w.pid for w in v._pool.workers]
         child = os.fork()
         if child == 0:
-            ok = v.verify(*item(4)).correct and [w.pid for w in v._pool] not in ([], parent_pids)
+            ok = v.verify(*item(4)).correct and [w.pid for w in v._pool.workers] not in ([], parent_pids)
             sys.exit(0 if ok else 3)  # a normal exit: atexit and finalizers run in the child
         _, status = os.waitpid(child, 0)
         assert os.waitstatus_to_exitcode(status) == 0, status
-        assert v.verify(*item(8)).correct and [w.pid for w in v._pool] == parent_pids
+        assert v.verify(*item(8)).correct and [w.pid for w in v._pool.workers] == parent_pids
         print("ok")
         """
     )
@@ -268,3 +268,23 @@ def test_identical_items_are_judged_once():
         t0 = time.monotonic()
         assert [x.correct for x in v.verify_many([(g, c, t) for g, c, t, _ in NORMAL])] == [ok for *_, ok in NORMAL]
         assert time.monotonic() - t0 < 0.5
+
+
+def test_the_pool_runs_any_target_with_a_hard_timeout():
+    """thinkforge.timeouts knows nothing of math-verify: any "module:function" runs in its workers."""
+    from thinkforge.timeouts import HardTimeoutPool
+
+    pool = HardTimeoutPool("math:sqrt", size=1, timeout=TIMEOUT, error_result="failed")
+    try:
+        assert pool.run([(0, 4.0), (1, -1.0), (2, 9.0)]) == {0: 2.0, 1: "failed", 2: 3.0}
+        assert pool.timeouts == 0
+    finally:
+        pool.close()
+    slow = HardTimeoutPool("time:sleep", size=1, timeout=TIMEOUT)
+    try:
+        t0 = time.monotonic()
+        assert slow.run([(0, 30), (1, 0)]) == {0: "timeout", 1: None}
+        assert time.monotonic() - t0 < 10 and slow.timeouts == 1
+    finally:
+        slow.close()
+    assert _wait_dead([w.pid for w in slow.workers]) == []

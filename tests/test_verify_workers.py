@@ -11,7 +11,7 @@ import pickle
 
 import pytest
 
-from thinkforge import verify
+from thinkforge import timeouts
 from thinkforge.verify import Verifier
 
 
@@ -20,9 +20,8 @@ def eight_cpus(monkeypatch, tmp_path):
     """A process that may run on 8 CPUs, in a cgroup without a CPU limit."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    real = getattr(verify, "pod_cpus", None)
-    if real is not None:  # read this test's cgroup files, not the machine's
-        monkeypatch.setattr(verify, "pod_cpus", lambda cgroup_root="/sys/fs/cgroup": real(tmp_path))
+    real = timeouts.pod_cpus  # read this test's cgroup files, not the machine's
+    monkeypatch.setattr(timeouts, "pod_cpus", lambda cgroup_root="/sys/fs/cgroup": real(tmp_path))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     return tmp_path
 
@@ -37,7 +36,7 @@ def test_ranks_of_one_pod_share_its_cpus(eight_cpus, monkeypatch):
 
 
 def test_a_pod_cpu_limit_caps_the_workers(eight_cpus, monkeypatch):
-    from thinkforge.verify import default_workers, pod_cpus
+    from thinkforge.timeouts import default_workers, pod_cpus
 
     (eight_cpus / "cpu.max").write_text("250000 100000\n")  # limits.cpu: 2.5
     assert pod_cpus(eight_cpus) == 3 and Verifier().workers == 3

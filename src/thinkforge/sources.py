@@ -54,7 +54,7 @@ def normalize_problem(rec: dict[str, Any], where: str, source: str, index: int) 
         raise RecordError(f"{where}: field 'answer' is a {type(answer).__name__}, expected one reference final "
                           "answer (a string or a number)")
     if (answer is None or answer == "") and isinstance(rec.get("solution"), str):
-        from thinkforge.verify import last_boxed
+        from thinkforge.answers import last_boxed
 
         answer = last_boxed(rec["solution"])
     if not isinstance(answer, str) or not answer.strip():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from thinkforge.records import RecordError, iter_jsonl
 from thinkforge.sources import normalize_problem
-from thinkforge.verify import RULES, extract_answer, last_boxed
+from thinkforge.answers import RULES, extract_answer, last_boxed
 
 LATEX_BITS = st.sampled_from(["\\boxed{", "}", "{", "\\frac{", "\\sqrt", "$", "The answer is ", "Answer:", "(C)",
                               "</think>", "<think>", "\\text{", "^", "-", "12", "3.5", " ", "\n", "\\fbox{", "\\\\"])

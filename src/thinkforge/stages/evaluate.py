@@ -38,6 +38,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from thinkforge.answers import extract_answer
 from thinkforge.config import Recipe
 from thinkforge.engines import SamplingParams, make_engine
 from thinkforge.evalsets import ANSWER_TYPES, LoadedBenchmark, load_benchmark, parse_integer
@@ -45,7 +46,7 @@ from thinkforge.metrics import StageMetrics
 from thinkforge.progress import progress
 from thinkforge.records import RecordError, iter_jsonl, write_json, write_jsonl
 from thinkforge.scoring import score_samples
-from thinkforge.verify import Verifier, extract_answer
+from thinkforge.verify import Verifier
 
 log = logging.getLogger("thinkforge.evaluate")
 

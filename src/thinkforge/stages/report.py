@@ -13,10 +13,10 @@ import html
 import io
 from typing import Any
 
+from thinkforge.answers import STRICT_RULES
 from thinkforge.config import Recipe
 from thinkforge.evalsets import CATALOG
 from thinkforge.scoring import paired_bootstrap
-from thinkforge.verify import STRICT_RULES
 
 STAGE_ROWS = (("base", "base"), ("midtrain", "+mid-train"), ("sft", "+SFT"), ("dpo", "+DPO"), ("final", "+RL"))
 
