@@ -27,8 +27,10 @@ What moto emulates, and what the fixture adds (moto 5.2):
   process: those loggers are held at INFO, so a test's caplog sees the client's records only.
 
 ``S3Server.add_user`` creates another IAM user (optionally denied actions on some resources),
-``add_key`` registers chosen key strings as a user's access key, ``assume_role`` hands out STS
-temporary credentials; ``store(credentials=...)`` is an ObjectStore with any of them.
+``add_key`` registers chosen key strings as a user's access key (credentials that come from elsewhere
+and must sign for real: a rendered chart's S3 Secret, a test's dummy secrets; unregistered keys are
+refused), ``assume_role`` hands out STS temporary credentials; ``store(credentials=...)`` is an
+ObjectStore with any of them.
 
 ``object_store`` (function) is an :class:`thinkforge.storage.ObjectStore` on a fresh, empty bucket
 with short retry backoff; the bucket is emptied and removed afterwards.
