@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,13 @@ def test_smoke_dag_runs_locally_end_to_end(smoke_run):
     for stage in ("snapshot-data", "generate", "filter-rollouts", "midtrain", "sft", "dpo", "rl", "evaluate",
                   "evaluate-2", "evaluate-3", "evaluate-4", "evaluate-5", "publish", "report"):
         assert any(root.glob(f"*/{stage}")), stage
+    # A quiet terminal: each task's start and end under its display name, the executor dumps in the log
+    for name in ("1 generate", "2 filter", "3 mid-train", "4 SFT", "5 DPO", "6 RL", "7 evaluate final", "8 publish"):
+        assert re.search(rf"^\d\d:\d\d:\d\d {re.escape(name)} done in ", out, re.M), name
+    assert "Got executor_input" not in out and "Loading weights" not in out
+    assert len(out.splitlines()) < 150, len(out.splitlines())
+    log = Path(out.split("every task's output: ")[1].split()[0])
+    assert "Got executor_input" in log.read_text() and log.parent == root / "logs"
 
 
 @pytest.mark.e2e

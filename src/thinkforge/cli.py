@@ -7,11 +7,10 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 from thinkforge.cluster import ClusterError, add_cli, require_digest_default
-from thinkforge.config import ConfigError, Recipe, flatten, load_recipe, parse_set_flags
+from thinkforge.config import ConfigError, Recipe, load_recipe, parse_set_flags
 from thinkforge.records import EmptyDataError, RecordError
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # KFP colours its failure line; the message should be plain text
@@ -28,33 +27,9 @@ def _add_recipe_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the whole DAG on this machine through kfp.local (SubprocessRunner, no containers)."""
-    from kfp import local
+    from thinkforge.local_run import run_locally
 
-    from thinkforge.pipelines.training import build_pipeline
-
-    from thinkforge.sources import load_problems
-
-    recipe = _recipe(args)
-    # Fail in a second, with file and line, rather than inside the generate task's traceback.
-    load_problems(recipe.data.train, limit=recipe.data.train_limit, storage=recipe.storage)
-    root = Path(args.pipeline_root or Path(recipe.run.output_dir) / recipe.run.name).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    pipeline = build_pipeline(recipe)
-    start = time.time()
-    print(f"thinkforge: running recipe {args.recipe} (config {recipe.digest()}) under {root}", flush=True)
-    task = pipeline(**flatten(recipe))
-    report = Path(task.output.path) if hasattr(task, "output") else None
-    elapsed = time.time() - start
-    print("\n" + "=" * 80)
-    if report and report.exists():
-        print(report.read_text())
-    print(f"Finished in {elapsed / 60:.1f} min. Artifacts under {root}")
-    if report:
-        print(f"  report (Markdown): {report}")
-        html = next(report.parent.parent.glob("report_html*"), None)
-        if html:
-            print(f"  report (HTML):     {html}")
+    run_locally(_recipe(args), args.recipe, args.pipeline_root, verbose=args.verbose)
     return 0
 
 
@@ -151,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run the whole DAG locally through kfp.local")
     _add_recipe_args(p)
     p.add_argument("--pipeline-root", help="where artifacts go (default: <run.output_dir>/<run.name>)")
+    p.add_argument("--verbose", action="store_true",
+                   help="stream every task's output (by default it goes to a log file whose path is printed)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compile", help="write the pipeline IR YAML for Kubeflow Pipelines")

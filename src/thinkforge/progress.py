@@ -35,10 +35,32 @@ _URL_PASSWORD = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)(?P<pw
 # -- progress -------------------------------------------------------------------------------------
 
 
+# Marks a progress line (THINKFORGE_PROGRESS=lines): `thinkforge run` shows these from its tasks' output.
+PROGRESS_MARK = "[progress] "
+
+
+class _Lines:
+    """A file for tqdm that turns each redraw (``\r`` + bar) into one marked line on stderr."""
+
+    def write(self, text: str) -> None:
+        for chunk in text.replace("\n", "\r").split("\r"):
+            chunk = chunk.strip()
+            if chunk:
+                sys.stderr.write(PROGRESS_MARK + chunk + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _lines_mode() -> bool:
+    return os.environ.get("THINKFORGE_PROGRESS", "").strip().lower() == "lines"
+
+
 def progress_enabled(stream: Any = None) -> bool:
-    """Bars show on a TTY; THINKFORGE_PROGRESS=1 forces them on, =0 forces them off."""
+    """Bars show on a TTY; THINKFORGE_PROGRESS=1 forces them on, =0 forces them off, =lines writes them
+    as marked lines (a parent that reads the output, such as ``thinkforge run``, shows them)."""
     flag = os.environ.get("THINKFORGE_PROGRESS", "").strip().lower()
-    if flag in ("1", "true", "yes", "on"):
+    if flag in ("1", "true", "yes", "on", "lines"):
         return True
     if flag in ("0", "false", "no", "off"):
         return False
@@ -59,6 +81,10 @@ def progress(iterable_or_total: Iterable[T] | int | None = None, desc: str = "",
     from tqdm.auto import tqdm
 
     kwargs.setdefault("disable", not progress_enabled())
+    if _lines_mode():
+        kwargs.setdefault("file", _Lines())
+        kwargs.setdefault("ncols", 80)
+        kwargs.setdefault("mininterval", 5.0)
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("mininterval", 0.5)
     if isinstance(iterable_or_total, int) and not isinstance(iterable_or_total, bool):
