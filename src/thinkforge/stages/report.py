@@ -22,7 +22,8 @@ STAGE_ROWS = (("base", "base"), ("midtrain", "+mid-train"), ("sft", "+SFT"), ("d
 
 EXTRACTION_RULES = {
     "strict": "the last \\boxed{} answer, else 'the answer is ...'; nothing else counts",
-    "fallback": "the last \\boxed{} answer, else 'the answer is ...', else the last number in the text",
+    "fallback": "the last \\boxed{} answer, else 'the answer is ...', else the last inline math expression "
+                "when no number follows it, else the last number in the text",
 }
 
 
