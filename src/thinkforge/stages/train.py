@@ -95,6 +95,7 @@ def training_args(config_cls: type, t: TrainConfig, out_dir: str | Path, seed: i
     save: dict[str, Any] = {"save_strategy": "no"}
     if checkpoints:
         save = {"save_strategy": "steps", "save_steps": t.save_steps, "save_total_limit": t.keep_checkpoints}
+    extra = {**_trackers(t), **extra}
     return config_cls(
         output_dir=str(out_dir),
         learning_rate=t.learning_rate,
@@ -113,7 +114,6 @@ def training_args(config_cls: type, t: TrainConfig, out_dir: str | Path, seed: i
         bf16=t.bf16 and (gpu or not os.environ.get(ENV_LAUNCHED)),
         use_cpu=not gpu and not ds,  # DeepSpeed on CPU runs without --cpu (DESIGN.md section 3)
         gradient_checkpointing=t.gradient_checkpointing,
-        report_to=[],
         # Log a NaN/inf loss as it is: the Trainer's default filter replaces it with the window's
         # average, which would hide a diverged run from the logs, the metrics and NonFiniteGuard.
         logging_nan_inf_filter=False,
@@ -124,6 +124,45 @@ def training_args(config_cls: type, t: TrainConfig, out_dir: str | Path, seed: i
         **save,
         **extra,
     )
+
+
+def _trackers(t: TrainConfig) -> dict[str, Any]:
+    """``report_to`` and ``run_name`` for the stage's experiment trackers (none by default: no tracker, no
+    network calls). A run is named ``<run.name>-<run.id>-<stage>`` (the id from THINKFORGE_RUN_ID in a pod
+    when the config has none) in the experiment (wandb project) ``tracking.experiment`` or ``run.name``;
+    MLflow's server is ``tracking.uri``, else MLFLOW_TRACKING_URI. transformers' MLflow/wandb callbacks
+    read these from the environment when training starts, so they are set here, in the stage's process."""
+    if not t.report_to:
+        return {"report_to": []}
+    import importlib.util
+
+    from thinkforge.config import RunConfig, TrackingConfig
+
+    stage, run, tracking = t._tracking or ("train", RunConfig(), TrackingConfig())
+    packages = {"mlflow": "mlflow-skinny (pip install 'thinkforge[tracking]')", "wandb": "wandb",
+                "tensorboard": "tensorboard"}
+    modules = {"mlflow": ("mlflow",), "wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
+    missing = [f"{r} needs {packages[r]}" for r in t.report_to
+               if not any(importlib.util.find_spec(m) for m in modules[r])]
+    if missing:
+        raise RuntimeError(f"{stage}.report_to {list(t.report_to)}: {'; '.join(missing)}, not installed in this image")
+    if not run.id and os.environ.get("THINKFORGE_RUN_ID"):  # components.common.load_config sets it so too
+        run = run.model_copy(update={"id": os.environ["THINKFORGE_RUN_ID"]})
+    name = f"{run.label()}-{stage}"
+    experiment = tracking.experiment or run.name
+    if "mlflow" in t.report_to:
+        os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment
+        os.environ["MLFLOW_TAGS"] = json.dumps({"thinkforge.run": run.name, "thinkforge.run_id": run.id,
+                                                "thinkforge.stage": stage})
+        uri = tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        if uri:
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+            import mlflow  # the callback keeps a URI set earlier in this process: make it this one
+
+            mlflow.set_tracking_uri(uri)
+    if "wandb" in t.report_to:
+        os.environ.setdefault("WANDB_PROJECT", experiment)
+    return {"report_to": list(t.report_to), "run_name": name}
 
 
 def read_rows(path: str | Path, fields: dict[str, type], stage: str) -> list[dict[str, Any]]:
