@@ -119,6 +119,97 @@ def cmd_data_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace):
+    from thinkforge.registry import open_registry
+
+    cfg = _recipe(args) if args.recipe else None
+    return open_registry(args.registry or "", cfg)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    """`thinkforge registry list|show|fetch|promote|rollback`: exit 0 done, 2 refused (no such version, an
+    incomplete one, no history, storage errors), 3 the champion moved meanwhile (nothing changed)."""
+    from thinkforge import registry as r
+    from thinkforge.storage import StorageError
+
+    try:
+        reg = _registry(args)
+        what = args.registry_command
+        if what == "list":
+            rows = r.list_versions(reg)
+            if args.json:
+                print(json.dumps({"registry": reg.uri(), "versions": rows}, indent=2, default=str))
+                return 0
+            print(f"{reg.uri()}: {len(rows)} version(s)")
+            for row in rows:
+                mark = "*" if row["champion"] else " "
+                if not row["complete"]:
+                    print(f"{mark} {row['version']}  (incomplete)")
+                    continue
+                g = row.get("gate") or {}
+                benches = "  ".join(f"{b} " + " ".join(f"{k} {_pct(v)}" for k, v in sorted(ms.items())
+                                                       if not k.endswith("_se"))
+                                    for b, ms in row.get("metrics", {}).items())
+                print(f"{mark} {row['version']}  {g.get('benchmark')} {g.get('metric')} {_pct(g.get('value'))}"
+                      f"  | {benches}" + ("  <- champion" if row["champion"] else ""))
+            return 0
+        if what == "show":
+            info = r.show_version(reg, args.version)
+            if args.json:
+                print(json.dumps(info, indent=2, default=str))
+                return 0
+            print(info["card"].rstrip())
+            print(f"\n## Metrics ({info['where']}{', champion' if info['champion'] else ''})\n")
+            print(json.dumps(info["metrics"], indent=2, sort_keys=True, default=str))
+            return 0
+        if what == "fetch":
+            dest = r.fetch_version(reg, args.version, args.to)
+            print(f"fetched {args.version} of {reg.name} into {dest} (every file checked against its manifest)")
+            return 0
+        if what == "promote":
+            out = r.promote_version(reg, args.version, args.reason or "", args.by or "")
+        else:
+            out = r.rollback(reg, args.reason or "", args.by or "")
+        if out.get("unchanged"):
+            print(out["reason"])
+        else:
+            print(f"{reg.name}: champion {out['previous']} -> {out['version']} ({out['reason']})")
+        return 0
+    except r.ChampionMoved as e:
+        print(f"thinkforge: error: {e}", file=sys.stderr)
+        return 3
+    except (r.RegistryError, StorageError, ValueError) as e:
+        print(f"thinkforge: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate any model through the evaluate stage's catalog, protocol and verifier."""
+    from thinkforge.eval_cli import evaluate_model
+    from thinkforge.storage import StorageError
+
+    try:
+        results = evaluate_model(args.model, benchmarks=args.benchmarks, k=args.k, limit=args.limit,
+                                 recipe=_recipe(args) if args.recipe else None, out=args.out, label=args.label,
+                                 overrides=None if args.recipe else parse_set_flags(args.set or []))
+    except StorageError as e:
+        print(f"thinkforge: error: {e}", file=sys.stderr)
+        return 2
+    for bench, m in results["benchmarks"].items():
+        k = m["k"]
+        print(f"{bench}: {m['n_problems']} problems x {k} samples  pass@1 {100 * m['pass@1']:.1f} ± "
+              f"{100 * m['pass@1_se']:.1f}  cons@{k} {_pct(m.get(f'cons@{k}'))}")
+    p = results["protocol"]
+    print(f"protocol: temperature {p['temperature']}, top_p {p['top_p']}, max {p['max_new_tokens']} new tokens, "
+          f"seed {p['seed']}, extraction {p['extraction']}, engine {p['engine']}")
+    print(f"wrote {results['path']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="thinkforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +270,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--to", required=True, help="s3://bucket/key or minio://bucket/key")
     _add_recipe_args(p, required=False)  # storage.endpoint/secure/region; else THINKFORGE_S3_* env
     p.set_defaults(func=cmd_data_load)
+
+    p = sub.add_parser("registry", help="the model registry: list, show, fetch, promote, rollback",
+                       description=cmd_registry.__doc__)
+    reg_sub = p.add_subparsers(dest="registry_command", required=True)
+
+    def reg_parser(name: str, help_: str) -> argparse.ArgumentParser:
+        q = reg_sub.add_parser(name, help=help_)
+        q.add_argument("--registry", default="", help="s3://bucket/<prefix>/<name> or a local directory "
+                       "<dir>/<prefix>/<name> (default: the recipe's registry.* and storage.*)")
+        _add_recipe_args(q, required=False)
+        q.set_defaults(func=cmd_registry)
+        return q
+
+    q = reg_parser("list", "versions with their metrics; * marks the champion")
+    q.add_argument("--json", action="store_true")
+    q = reg_parser("show", "a version's model card and metrics")
+    q.add_argument("version", help="a version, or `champion`")
+    q.add_argument("--json", action="store_true")
+    q = reg_parser("fetch", "download a version's model folder (checked against its manifest)")
+    q.add_argument("version", help="a version, or `champion`")
+    q.add_argument("--to", required=True, help="directory to write the model to (replaced when complete)")
+    for name, help_ in (("promote", "make a version the champion by hand (compare-and-swap)"),
+                        ("rollback", "make the previous champion the champion again")):
+        q = reg_parser(name, help_)
+        if name == "promote":
+            q.add_argument("version")
+        q.add_argument("--reason", default="", required=name == "promote",
+                       help="why (recorded in the decision log; required to promote)")
+        q.add_argument("--by", default="", help="who (default: user@host)")
+
+    p = sub.add_parser("eval", help="evaluate any model with the DAG's benchmarks, protocol and verifier",
+                       description=cmd_eval.__doc__)
+    p.add_argument("--model", required=True, help="a local model directory, s3://bucket/prefix, builtin:..., "
+                   "random:..., or a hub name")
+    p.add_argument("--benchmarks", default="", help="comma-separated catalog entries (math500,aime24,...) or "
+                   "benchmark names of the recipe (default: the recipe's evaluate.benchmarks)")
+    p.add_argument("--k", type=int, default=0, help="samples per problem (default: the recipe's, else the catalog's)")
+    p.add_argument("--limit", type=int, default=0, help="at most this many problems per benchmark")
+    p.add_argument("--label", default="eval", help="label in the results file (default eval)")
+    p.add_argument("--out", default="", help="results file (default results.json in the current directory); the "
+                   "samples go beside it")
+    _add_recipe_args(p, required=False)
+    p.set_defaults(func=cmd_eval)
 
     add_cli(sub)  # upload, submit, schedule against a KFP server
 

@@ -679,3 +679,189 @@ def _earlier_promotion(cfg: Recipe, candidate: dict[str, Any], champ: dict[str, 
                 "reason": f"promoted by an earlier attempt of this KFP run, and since superseded by "
                           f"{champ.get('version')} ({_pct(champ.get('value'))})"}
     return None
+
+# --- by hand: list, show, fetch, promote, rollback (`thinkforge registry ...`) -------------------
+#
+# A manual promotion or rollback moves `champion.json` with the same compare-and-swap as the gate
+# (`put_if` on the token read), and refuses rather than retries when the pointer moved in between:
+# a person decided against the champion they saw, not against whatever is there now. The pointers
+# these write carry `history` (earlier champions, newest first), so rollback pops one; a pointer the
+# gate wrote (publish) carries only `previous`, and the chain behind it comes from the decision log
+# (`decisions/<version>.json` of a promoted publish names the champion it replaced). Every manual move
+# is recorded under `decisions/manual-<UTC time>-<action>-<version>.json` with who and why.
+
+HISTORY_DEPTH = 50
+
+
+class ChampionMoved(RegistryError):
+    """The champion pointer changed between reading it and writing it: nothing was changed."""
+
+
+def open_registry(target: str = "", cfg: Recipe | None = None) -> Registry:
+    """The registry of `target` (`s3://bucket/<prefix>/<name>` or `minio://...`, or a local directory
+    `<dir>/<prefix>/<name>`), else the recipe's (`registry.*` and `storage.*`)."""
+    if target:
+        if target.startswith(("s3://", "minio://")):
+            from thinkforge.storage import ObjectStore
+
+            store, key = ObjectStore.from_uri(target, cfg.storage if cfg is not None else None)
+            parts = split_prefix(key)
+            if not parts:
+                raise RegistryError(f"{target}: expected s3://bucket/<prefix>/<name> (the model line's folder)")
+            return Registry(S3Backend(store), "/".join(parts[:-1]), parts[-1])
+        path = Path(target).expanduser().resolve()
+        return Registry(LocalBackend(path.parent), "", path.name)
+    if cfg is None:
+        raise RegistryError("no registry: give --registry s3://bucket/registry/<name> (or a directory) or --recipe")
+    return Registry.for_recipe(cfg)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def list_versions(reg: Registry) -> list[dict[str, Any]]:
+    """Every version (oldest first) with its gate metric, per-benchmark pass@1, completeness and whether
+    it is the champion."""
+    champ, _ = reg.champion()
+    champ_version = (champ or {}).get("version")
+    out = []
+    for v in reg.backend.list_children(reg.key("versions")):
+        m = reg.manifest(v)
+        row: dict[str, Any] = {"version": v, "complete": m is not None, "champion": v == champ_version}
+        if m is not None:
+            row.update(created=m.get("created"), gate=m.get("gate", {}),
+                       metrics={b: {k: x for k, x in ms.items() if k.startswith(("pass@", "cons@"))}
+                                for b, ms in (m.get("metrics") or {}).items()})
+        out.append(row)
+    return out
+
+
+def show_version(reg: Registry, version: str) -> dict[str, Any]:
+    """A version's manifest, model card and final results (metrics without per-problem scores)."""
+    version = _resolve_version(reg, version)
+    m = _complete_manifest(reg, version)
+    card = reg.backend.get_bytes(f"{reg.entry(version)}/{m.get('card') or 'MODEL_CARD.md'}")
+    champ, _ = reg.champion()
+    return {"version": version, "where": reg.uri(reg.entry(version)), "manifest": m,
+            "card": card.decode() if card is not None else "", "metrics": m.get("metrics", {}),
+            "champion": (champ or {}).get("version") == version}
+
+
+def fetch_version(reg: Registry, version: str, dest: str | os.PathLike[str]) -> Path:
+    """Download a complete version's model folder into `dest`: every file checked against the model's
+    manifest, written to a temporary sibling and renamed into place (nothing half-written on failure)."""
+    version = _resolve_version(reg, version)
+    _complete_manifest(reg, version)
+    return reg.fetch_model(dest, version)
+
+
+def _resolve_version(reg: Registry, version: str) -> str:
+    if version in ("champion", "@champion"):
+        champ, _ = reg.champion()
+        if champ is None:
+            raise RegistryError(f"{reg.uri()}: no champion yet")
+        return champ["version"]
+    return version
+
+
+def _complete_manifest(reg: Registry, version: str) -> dict[str, Any]:
+    known = reg.backend.list_children(reg.key("versions"))
+    if version not in known:
+        near = ", ".join(known[-5:]) or "none"
+        raise RegistryError(f"{reg.uri()}: no version {version!r} (latest: {near})")
+    m = reg.manifest(version)
+    if m is None:
+        raise RegistryError(f"{reg.uri(reg.entry(version))}: incomplete version (no {ENTRY_MANIFEST}: its publish "
+                            "did not finish)")
+    if reg.backend.dir_manifest(f"{reg.entry(version)}/model") is None:
+        raise RegistryError(f"{reg.uri(reg.entry(version))}: incomplete version (its model has no manifest)")
+    return m
+
+
+def champion_history(reg: Registry, champ: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Earlier champions, newest first: the pointer's own `history`, or (a pointer the gate wrote) its
+    `previous` and, behind that, the champion each promoted publish replaced (decision log)."""
+    if champ is None:
+        return []
+    if isinstance(champ.get("history"), list):
+        return [h for h in champ["history"] if isinstance(h, dict) and h.get("version")]
+    out: list[dict[str, Any]] = []
+    prev = (champ.get("previous") or {}).get("version")
+    seen = {champ.get("version")}
+    while prev and prev not in seen and len(out) < HISTORY_DEPTH:
+        seen.add(prev)
+        m = reg.manifest(prev) or {}
+        out.append({"version": prev, "value": (m.get("gate") or {}).get("value")})
+        decision = reg.get_json(reg.key("decisions", f"{prev}.json")) or {}
+        gate = decision.get("gate") or {}
+        prev = gate.get("champion_version") if decision.get("promoted") else None
+    return out
+
+
+def _pointer_entry(champ: dict[str, Any]) -> dict[str, Any]:
+    return {k: champ.get(k) for k in ("version", "value", "promoted", "reason") if champ.get(k) is not None}
+
+
+def _move_champion(reg: Registry, version: str, action: str, reason: str, by: str,
+                   expect: tuple[dict[str, Any] | None, str | None],
+                   history: list[dict[str, Any]]) -> dict[str, Any]:
+    champ, token = expect
+    m = _complete_manifest(reg, version)
+    gate = m.get("gate") or {}
+    why = f"{action} by {by}" + (f": {reason}" if reason else "")
+    pointer = {"name": reg.name, "version": version, "benchmark": gate.get("benchmark"), "metric": gate.get("metric"),
+               "value": gate.get("value"), "promoted": _now(), "reason": why, "manual": action, "by": by,
+               "manifest": f"versions/{version}/{ENTRY_MANIFEST}",
+               "previous": {"version": champ.get("version"), "value": champ.get("value")} if champ else None,
+               "history": history[:HISTORY_DEPTH]}
+    if not reg.backend.put_if(reg.key(CHAMPION), json.dumps(pointer, indent=2, sort_keys=True).encode(), token):
+        now, _ = reg.champion()
+        if now is None or now.get("promoted") != pointer["promoted"] or now.get("version") != version \
+                or now.get("by") != by:
+            raise ChampionMoved(f"{reg.uri(reg.key(CHAMPION))}: the champion moved while this {action} was deciding "
+                                f"(it was {(champ or {}).get('version')}, it is now {(now or {}).get('version')}); "
+                                "nothing was changed: look again and retry")
+    record = {"action": action, "manual": True, "promoted": True, "name": reg.name, "version": version,
+              "previous": (champ or {}).get("version"), "by": by, "reason": why, "note": reason, "time": pointer["promoted"],
+              "where": reg.uri(reg.entry(version)), "champion_uri": reg.uri(reg.key(CHAMPION))}
+    reg.put_json(reg.key("decisions", f"manual-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{action}-{version}"
+                                      f"-{uuid.uuid4().hex[:4]}.json"), record)
+    log.info("%s %s: champion %s -> %s (%s)", reg.name, action, record["previous"], version, why)
+    return record
+
+
+def promote_version(reg: Registry, version: str, reason: str = "", by: str = "") -> dict[str, Any]:
+    """Make `version` the champion by hand (compare-and-swap on the pointer read here): refused for a
+    version that does not exist or is incomplete, and when the pointer moved in between (`ChampionMoved`)."""
+    _complete_manifest(reg, version)
+    champ, token = reg.champion()
+    if champ is not None and champ.get("version") == version:
+        return {"action": "promote", "version": version, "previous": version, "unchanged": True,
+                "reason": f"{version} is already the champion"}
+    history = ([_pointer_entry(champ)] + champion_history(reg, champ)) if champ is not None else []
+    return _move_champion(reg, version, "promote", reason, by or default_actor(), (champ, token), history)
+
+
+def rollback(reg: Registry, reason: str = "", by: str = "") -> dict[str, Any]:
+    """Make the previous champion the champion again (one step back in the champion history)."""
+    champ, token = reg.champion()
+    if champ is None:
+        raise RegistryError(f"{reg.uri()}: no champion, nothing to roll back")
+    history = champion_history(reg, champ)
+    if not history:
+        raise RegistryError(f"{reg.uri()}: the champion {champ.get('version')} has no previous champion to roll "
+                            "back to (promote a version by name instead)")
+    target, rest = history[0], history[1:]
+    return _move_champion(reg, target["version"], "rollback", reason, by or default_actor(), (champ, token), rest)
+
+
+def default_actor() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry in a container
+        user = os.environ.get("USER", "unknown")
+    return f"{user}@{socket.gethostname()}"
