@@ -33,6 +33,9 @@ $(VENV)/.test-deps: $(BIN)/thinkforge
 	# The MLflow tracking server of tests/test_tracking.py (tests/plugins/mlflow.py): mlflow pins pyarrow<26, older than
 	# the one datasets brings into this venv, so the server gets its own venv (~2 min); .venv has mlflow-skinny (the client).
 	test -x .venv-mlflow/bin/mlflow || { $(PYTHON) -m venv .venv-mlflow && .venv-mlflow/bin/pip install -q mlflow==3.17.2; }
+	# The kserve SDK's types for tests/test_serving.py: kserve 0.21 pins pandas<3 and psutil<6, so its files go to
+	# a folder of their own without its dependencies (the generated model classes need only the kubernetes client).
+	test -d .venv-kserve/kserve || $(BIN)/pip install -q --no-deps --target .venv-kserve kserve==0.21.0
 	touch $@
 
 demo: $(BIN)/thinkforge

@@ -13,8 +13,8 @@ minors. kubernetes-validate has no schema for KServe's InferenceService, so it i
   venv: it pins pandas<3 and psutil<6, and `pip install --dry-run kserve` would downgrade pandas 3.1.1
   to 2.3.3 and psutil 7.2.2 to 5.9.8. Its generated model classes need only the kubernetes client, so
   the test loads them without the package's __init__ (which imports the model server: fastapi,
-  cloudevents, grpc ...) from wherever `kserve` is findable (e.g. `pip install --no-deps --target DIR
-  kserve==0.21.0` and PYTHONPATH=DIR), and skips when it is not.
+  cloudevents, grpc ...) from .venv-kserve, where `make test` installs them (`pip install --no-deps
+  --target .venv-kserve kserve==0.21.0`), or wherever `kserve` is findable.
 
 No cluster here: the promotion patch is sent through the real kubernetes client (so its content-type
 choice and URL are what is tested) into a fake REST layer that answers as the API server documents
@@ -28,6 +28,7 @@ To regenerate the schema file: take `spec.versions[v1beta1].schema.openAPIV3Sche
 from __future__ import annotations
 
 import copy
+import importlib.machinery
 import importlib.util
 import json
 import sys
@@ -250,7 +251,9 @@ def test_inferenceservice_matches_the_crd_schema(kserve_docs, crd_validator):
 
 
 def _kserve_models():
-    spec = importlib.util.find_spec("kserve")
+    # `make test` puts the SDK's files in .venv-kserve (pip install --no-deps --target); else wherever it is findable
+    spec = importlib.machinery.PathFinder.find_spec("kserve", [str(ROOT / ".venv-kserve")]) or \
+        importlib.util.find_spec("kserve")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("the kserve SDK is not findable (kserve 0.21 would downgrade pandas/psutil in this venv)")
     if "kserve" not in sys.modules:  # the package __init__ imports the model server; the models need none of it
