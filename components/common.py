@@ -125,6 +125,7 @@ def _json(artifact: Any) -> dict[str, Any]:
 
 def publish_component(config: Any, model: Any, results: dict[str, Any], artifacts: dict[str, Any], kfp_run: str,
                       decision: Any, model_card: Any, metrics: Any) -> None:
+    from thinkforge.cards import strip_metadata
     from thinkforge.stages.publish import publish
 
     cfg = load_config(config)
@@ -146,7 +147,8 @@ def publish_component(config: Any, model: Any, results: dict[str, Any], artifact
     if out["published"]:
         decision.metadata.update(version=out["version"], where=out["where"])
     verdict = "promoted" if out["promoted"] else "not promoted"
-    Path(model_card.path).write_text(f"{card}\n## Promotion\n\n**{verdict}**: {out['reason']}\n")
+    # KFP shows Markdown only: the card without its YAML metadata (the registry keeps the full card)
+    Path(model_card.path).write_text(f"{strip_metadata(card)}\n## Promotion\n\n**{verdict}**: {out['reason']}\n")
     decision.metadata.update(promoted=out["promoted"], reason=out["reason"])
     log.info("registry: %s: %s", verdict, out["reason"])
 

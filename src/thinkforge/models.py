@@ -215,8 +215,175 @@ def load_model(spec_or_path: str | Path, dtype: str = "float32", trust_remote_co
         raise err from e
 
 
-def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> None:
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path, cfg: Any = None) -> None:
+    """Save weights (safetensors) and tokenizer. With ``cfg`` (the Recipe) the folder is also made the one
+    a user downloads (:func:`finalize_model_dir`): the evaluation protocol in ``generation_config.json``,
+    the recipe's system message in the chat template, nothing but the model left in it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    if cfg is not None:
+        finalize_model_dir(out, cfg, tokenizer)
+
+
+# ------------------------------------------------------------------------ the folder a user downloads
+
+#: what a model folder may hold besides weights: anything else (Trainer output) is not the model
+TRAINER_LEFTOVERS = ("training_args.bin", "trainer_state.json", "optimizer.pt", "scheduler.pt", "scaler.pt",
+                     "rng_state*.pth", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+TRAINER_DIRS = ("trainer", "checkpoint-*", "global_step*", "runs")
+
+
+def is_model_file(rel: str) -> bool:
+    """Whether ``rel`` (a posix path inside a model folder) belongs to the model a user downloads: not a
+    Trainer output directory (``trainer/``, ``checkpoint-*``, DeepSpeed's ``global_step*``, ``runs/``),
+    not a pickle (optimizer/scheduler/RNG states, ``training_args.bin``, ``*.bin`` weights)."""
+    from fnmatch import fnmatch
+
+    parts = rel.split("/")
+    if any(fnmatch(d, pat) for d in parts[:-1] for pat in TRAINER_DIRS):
+        return False
+    return not any(fnmatch(parts[-1], pat) for pat in TRAINER_LEFTOVERS) and parts[-1] != POINTER
+
+
+def clean_model_dir(out_dir: str | Path) -> list[str]:
+    """Remove what is not the model (see :func:`is_model_file`) from a saved model folder; returns the
+    removed paths (relative)."""
+    out = Path(out_dir)
+    removed: list[str] = []
+    for child in sorted(out.iterdir()):
+        rel = child.name
+        if child.is_dir() and not child.is_symlink():
+            if not is_model_file(f"{rel}/x"):
+                shutil.rmtree(child)
+                removed.append(rel + "/")
+        elif not is_model_file(rel):
+            child.unlink()
+            removed.append(rel)
+    return removed
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [int(v) for v in value]
+
+
+def generation_protocol(cfg: Any, tokenizer: Any = None, existing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``generation_config.json`` for a model evaluated under ``cfg.evaluate``: sampling on at the
+    evaluation temperature / top_p / max new tokens, and stopping on the chat template's end-of-turn
+    token as well as ``eos`` (``existing``: the folder's current generation config, kept otherwise)."""
+    from thinkforge.templates import end_of_turn
+
+    e = cfg.evaluate
+    gen = dict(existing or {})
+    stop: list[int] = []
+    if tokenizer is not None:
+        for token in (end_of_turn(tokenizer), tokenizer.eos_token):
+            tid = tokenizer.convert_tokens_to_ids(token) if token else None
+            if isinstance(tid, int) and tid >= 0 and tid not in stop:
+                stop.append(tid)
+        if gen.get("pad_token_id") is None and tokenizer.pad_token_id is not None:
+            gen["pad_token_id"] = tokenizer.pad_token_id
+    stop += [i for i in _ids(gen.get("eos_token_id")) if i not in stop]
+    if stop:
+        gen["eos_token_id"] = stop if len(stop) > 1 else stop[0]
+    gen["max_new_tokens"] = e.max_new_tokens
+    gen.pop("max_length", None)
+    if e.temperature > 0:
+        gen.update(do_sample=True, temperature=e.temperature, top_p=e.top_p)
+    else:  # greedy: sampling parameters would only draw warnings
+        gen["do_sample"] = False
+        for key in ("temperature", "top_p", "top_k"):
+            gen.pop(key, None)
+    return gen
+
+
+def write_generation_config(out_dir: str | Path, cfg: Any, tokenizer: Any = None) -> dict[str, Any]:
+    out = Path(out_dir)
+    path = out / "generation_config.json"
+    existing: dict[str, Any] = {}
+    if path.is_file():
+        existing = json.loads(path.read_text())
+    elif (out / "config.json").is_file():
+        model_cfg = json.loads((out / "config.json").read_text())
+        existing = {k: model_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                    if model_cfg.get(k) is not None}
+    gen = generation_protocol(cfg, tokenizer, existing)
+    gen.setdefault("_from_model_config", False)
+    path.unlink(missing_ok=True)  # a fresh file: never write through a hard link into another folder
+    path.write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    return gen
+
+
+def write_chat_template(out_dir: str | Path, cfg: Any, tokenizer: Any) -> str | None:
+    """Save the tokenizer's chat template with the recipe's system message as its default (see
+    :func:`thinkforge.templates.with_default_system`) as ``chat_template.jinja``; None when the
+    tokenizer has no (single) chat template."""
+    from thinkforge.templates import with_default_system
+
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not template:
+        return None
+    out = Path(out_dir)
+    wrapped = with_default_system(template, cfg.template)
+    tc = out / "tokenizer_config.json"
+    if tc.is_file():
+        data = json.loads(tc.read_text())
+        if isinstance(data.get("chat_template"), str):  # the .jinja file is the one place it lives
+            del data["chat_template"]
+            tc.unlink()
+            tc.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    path = out / "chat_template.jinja"
+    path.unlink(missing_ok=True)
+    path.write_text(wrapped)
+    return wrapped
+
+
+def finalize_model_dir(out_dir: str | Path, cfg: Any, tokenizer: Any = None) -> None:
+    """Make a saved model folder the one a user downloads: the evaluation protocol as its generation
+    config, the recipe's system message in its chat template, no Trainer leftovers."""
+    out = Path(out_dir)
+    if tokenizer is None and ((out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()):
+        try:
+            tokenizer = load_tokenizer(out, getattr(cfg.model, "trust_remote_code", False))
+        except Exception as e:  # noqa: BLE001 - the generation config is still written, without stop tokens
+            import logging
+
+            logging.getLogger("thinkforge.models").warning("%s: tokenizer does not load (%s); "
+                                                           "generation_config.json without its stop tokens", out, e)
+    removed = clean_model_dir(out)
+    if removed:
+        import logging
+
+        logging.getLogger("thinkforge.models").info("%s: removed what is not the model: %s", out, ", ".join(removed))
+    write_generation_config(out, cfg, tokenizer)
+    if tokenizer is not None:
+        write_chat_template(out, cfg, tokenizer)
+
+
+def stage_model_folder(src: str | Path, dest: str | Path, cfg: Any, readme: str | None = None) -> Path:
+    """A copy of the model folder ``src`` at ``dest`` as it is published: only the model's files
+    (weights hard-linked where the file system allows, never written through), then
+    :func:`finalize_model_dir`, then ``README.md`` (the model card). Links inside ``src`` are refused."""
+    from thinkforge.storage import upload_files
+
+    out = Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, rel in upload_files(src):  # ValueError on a symbolic link, before anything is copied
+        if not is_model_file(rel) or rel == "README.md":
+            continue
+        target = out / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".safetensors"):
+            try:
+                os.link(path, target)
+                continue
+            except OSError:
+                pass
+        shutil.copyfile(path, target)
+    finalize_model_dir(out, cfg)
+    if readme is not None:
+        (out / "README.md").write_text(readme)
+    return out

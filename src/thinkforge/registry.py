@@ -38,6 +38,7 @@ the new champion.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -50,6 +51,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from thinkforge.cards import model_card  # noqa: F401 - registry.model_card stays importable
 from thinkforge.config import Recipe
 from thinkforge.scoring import paired_bootstrap
 from thinkforge.storage import MANIFEST, raise_for_disk, replace_dir, safe_key, split_prefix, upload_files
@@ -511,44 +513,6 @@ def artifact_digest(path: str | os.PathLike[str], uri: str = "") -> dict[str, An
     return out
 
 
-def model_card(cfg: Recipe, name: str, version: str, results: dict[str, dict[str, Any]], model_info: dict[str, Any],
-               lin: dict[str, Any]) -> str:
-    e = cfg.evaluate
-    final = results.get("final") or {}
-    lines = [f"# {name} {version}", "",
-             f"A math reasoning model trained by thinkforge (recipe `{cfg.run.name}`, config {cfg.digest()}) from "
-             f"`{cfg.model.student}` with the Phi-4-Mini-Reasoning recipe: "
-             + ", ".join(s for s in ("mid-train", "SFT", "DPO", "RL")
-                         if getattr(cfg, {"mid-train": "midtrain"}.get(s, s.lower())).enabled) + ".", "",
-             "## Evaluation", "",
-             f"Protocol: temperature {e.temperature}, top_p {e.top_p}, max {e.max_new_tokens} new tokens, seed "
-             f"{cfg.run.seed}, answer extraction {e.extraction}; pass@1 is the mean over k samples per problem "
-             "(± standard error over problems).", "",
-             "| benchmark | problems | k | pass@1 | cons@k | mean tokens | truncated |", "|---|---|---|---|---|---|---|"]
-    for bench, m in _metrics_only(final).items():
-        cons = m.get(f"cons@{m.get('k')}")
-        lines.append(f"| {bench} | {m.get('n_problems')} | {m.get('k')} | {_pct(m.get('pass@1'))} ± "
-                     f"{100 * m.get('pass@1_se', 0):.1f} | {_pct(cons)} | "
-                     f"{m.get('mean_tokens', 0):.0f} | {_pct(m.get('truncation_rate'))} |")
-    stages = [(lbl, results[lbl]) for lbl in STAGE_LABELS if results.get(lbl)]
-    if len(stages) > 1:
-        benches = list(_metrics_only(final))
-        lines += ["", "By stage (pass@1):", "", "| model | " + " | ".join(benches) + " |",
-                  "|---|" + "---|" * len(benches)]
-        for lbl, res in stages:
-            ms = _metrics_only(res)
-            lines.append(f"| {lbl} | " + " | ".join(_pct(ms.get(b, {}).get("pass@1")) for b in benches) + " |")
-    lines += ["", "## Lineage", "",
-              f"- config digest: `{lin['config_digest']}`" + (f"; KFP run `{lin['kfp_run']}`" if lin.get("kfp_run") else ""),
-              f"- student: `{lin['sources']['student']}`; teacher: `{lin['sources']['teacher'] or '-'}`",
-              f"- training prompts: `{lin['sources']['train']}`",
-              f"- model: {model_info['files']} files, {model_info['total_bytes']} bytes, digest `{model_info['digest']}`",
-              "", "## Use", "",
-              "Load the `model/` directory of this entry with `transformers.AutoModelForCausalLM.from_pretrained`; "
-              "prompt it with the recipe's template (`recipe.yaml`, section `template`).", ""]
-    return "\n".join(lines)
-
-
 def publish(cfg: Recipe, model_dir: str | os.PathLike[str], results: dict[str, dict[str, Any] | None],
             artifacts: dict[str, Any] | None = None, kfp_run: str = "",
             backend: LocalBackend | S3Backend | None = None) -> dict[str, Any]:
@@ -560,7 +524,7 @@ def publish(cfg: Recipe, model_dir: str | os.PathLike[str], results: dict[str, d
     With `kfp_run` (the KFP pipeline job id) the version is derived from the run and the model's digest:
     a retry of the same run with the same model finishes the version its earlier attempt started (see
     the module docstring) instead of publishing a twin that "does not beat the champion"."""
-    from thinkforge.models import follow_pointer
+    from thinkforge.models import follow_pointer, is_model_file, stage_model_folder
 
     reg = Registry.for_recipe(cfg, backend)
     results = {k: v for k, v in results.items() if v and not v.get("skipped")}
@@ -569,7 +533,7 @@ def publish(cfg: Recipe, model_dir: str | os.PathLike[str], results: dict[str, d
     model_digest = ident = ""
     earlier = None
     if kfp_run:
-        model_digest = tree_digest(dir_files(model))
+        model_digest = tree_digest({rel: f for rel, f in dir_files(model).items() if is_model_file(rel)})
         ident = version_id(kfp_run, model_digest)
         earlier = reg.find_version(ident)
     version = earlier or new_version(cfg, ident)
@@ -591,13 +555,20 @@ def publish(cfg: Recipe, model_dir: str | os.PathLike[str], results: dict[str, d
     candidate = gate_view(cfg, final)
     lin = lineage(cfg, artifacts or {}, kfp_run)
     existing = reg.manifest(version) if earlier else None
-    if existing is not None and existing.get("model", {}).get("digest") == model_digest:
+    # The folder a user downloads: only the model, the evaluation protocol as its generation config, the
+    # system message in its chat template, the card as README.md (thinkforge.models.stage_model_folder).
+    staging = Path(tempfile.mkdtemp(prefix="thinkforge-publish-"))
+    atexit.register(shutil.rmtree, staging, True)
+    staged = stage_model_folder(model, staging / "model", cfg,
+                                model_card(cfg, reg.name, version, results, None, lin, in_model_folder=True))
+    staged_digest = tree_digest(dir_files(staged))
+    if existing is not None and existing.get("model", {}).get("digest") == staged_digest:
         model_info = existing["model"]  # the entry is complete: only the gate (and its record) is left
         card = model_card(cfg, reg.name, version, results, model_info, lin)
     else:
         mm = reg.backend.dir_manifest(f"{entry}/model") if earlier else None
-        if mm is None or tree_digest(mm.get("files", {})) != model_digest:
-            mm = reg.backend.upload_dir(model, f"{entry}/model")
+        if mm is None or tree_digest(mm.get("files", {})) != staged_digest:
+            mm = reg.backend.upload_dir(staged, f"{entry}/model")
         model_info = {"files": len(mm["files"]), "total_bytes": mm["total_bytes"], "digest": tree_digest(mm["files"])}
         files: dict[str, Any] = {f"model/{rel}": meta for rel, meta in mm["files"].items()}
 
@@ -623,6 +594,7 @@ def publish(cfg: Recipe, model_dir: str | os.PathLike[str], results: dict[str, d
             "lineage": lin, "card": "MODEL_CARD.md", "files": dict(sorted(files.items())),
         }
         reg.put_json(f"{entry}/{ENTRY_MANIFEST}", manifest)  # LAST: the entry is complete from here on
+    shutil.rmtree(staging, ignore_errors=True)
 
     per_problem = (final or {}).get("benchmarks", {}).get(candidate["benchmark"], {}).get("per_problem")
     for _ in range(_CAS_TRIES):

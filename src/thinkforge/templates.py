@@ -136,3 +136,24 @@ def render_target(tokenizer: Any, completion: str) -> str:
     eot = end_of_turn(tokenizer)
     text = completion.rstrip()
     return text if not eot or text.endswith(eot) else text + eot
+
+
+_SYSTEM_OPEN = "{# thinkforge: default system message #}"
+_SYSTEM_CLOSE = "{# /thinkforge #}"
+
+
+def with_default_system(template: str, cfg: Any) -> str:
+    """``template`` (a chat template) made to prepend the recipe's system message (`system_message`:
+    system prompt plus answer instruction) to a conversation that has none, so a server that applies the
+    saved template to ``[user]`` prompts the model exactly as :func:`render_prompt` did in training; a
+    conversation that brings its own system message renders as before. Idempotent (a template this
+    already wrapped is re-wrapped with the new message)."""
+    import json
+
+    if template.startswith(_SYSTEM_OPEN) and _SYSTEM_CLOSE in template:
+        template = template.split(_SYSTEM_CLOSE, 1)[1]
+    # a JSON string is a valid Jinja string literal (backslashes, quotes and non-ASCII escaped)
+    system = json.dumps(system_message(cfg))
+    return (f"{_SYSTEM_OPEN}{{% if not (messages and messages[0]['role'] == 'system') %}}"
+            f"{{% set messages = [{{'role': 'system', 'content': {system}}}] + messages %}}{{% endif %}}"
+            f"{_SYSTEM_CLOSE}{template}")

@@ -73,6 +73,7 @@ Outputs (record formats in thinkforge.records):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -489,7 +490,54 @@ def filter_rollouts(cfg: Recipe, rollouts_path: str | Path, out_dir: str | Path,
                           _histogram(kept_lengths, edges), dict(sorted(per_bench.items())),
                           {k: rl_dropped.get(k, 0) for k in ("unverifiable_gold", "unsolved")}, normalized)
     write_json(out / "summary.json", result.__dict__)
+    export_hf(cfg, out / "hf", sft, pairs, rl_prompts, result)
     return result
+
+
+def export_hf(cfg: Recipe, out: Path, sft: list[dict[str, Any]], pairs: list[dict[str, Any]],
+              rl_prompts: list[dict[str, Any]], result: FilterResult) -> None:
+    """The exported sets in TRL's conversational formats, each in its own folder with a dataset card
+    (``README.md``, huggingface_hub's DatasetCard) recording the filter's counts and decontamination:
+    ``hf/sft`` (``messages``: system, user, assistant), ``hf/dpo`` (``prompt`` as [system, user],
+    ``chosen``/``rejected`` as one assistant turn), ``hf/rl`` (``prompt`` as [system, user] plus
+    ``answer``/``answer_type`` for a verifier reward). The stages read the flat files above; these are
+    for ``datasets.load_dataset("json", data_files=...)`` and TRL's trainers."""
+    from thinkforge.cards import dataset_card
+    from thinkforge.templates import messages
+
+    f = cfg.filter
+    decon = {"enabled": f.decontaminate, "ngram": f.decontaminate_ngram, "threshold": f.decontaminate_threshold,
+             "against": [b.name for b in cfg.evaluate.benchmarks] + list(f.decontaminate_extra),
+             "contaminated_problems": dict(result.contamination),
+             "contaminated_rollouts": result.counts.get("contaminated", 0)}
+    counts = {"rollouts": result.rollouts, "kept": result.kept,
+              **{f"dropped_{k}": v for k, v in result.counts.items() if k != "correct" and v}}
+
+    def prompt(problem: str) -> list[dict[str, str]]:
+        return messages(problem, cfg.template)
+
+    sets = {
+        "sft": ("SFT: conversational language modeling (`messages`)", [
+            {"problem_id": r["problem_id"],
+             "messages": [*prompt(r["problem"]), {"role": "assistant", "content": r["completion"]}]} for r in sft]),
+        "dpo": ("DPO: conversational preference with explicit prompt (`prompt`, `chosen`, `rejected`)", [
+            {"problem_id": r["problem_id"], "prompt": prompt(r["problem"]),
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in pairs]),
+        "rl": ("RL: conversational prompt-only (`prompt`) with the reference `answer` for the reward", [
+            {"problem_id": r["id"], "prompt": prompt(r["problem"]), "answer": r["answer"],
+             "answer_type": r["answer_type"], "pass_rate": r.get("pass_rate")} for r in rl_prompts]),
+    }
+    for name, (fmt, rows) in sets.items():
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / ".data.jsonl.tmp"  # plain rows (no record version field): exactly the documented columns
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(d / "data.jsonl")
+        card = dataset_card(f"{cfg.run.name} {name} data", "Teacher rollouts verified, filtered and split by "
+                            "thinkforge's filter stage (system message: the recipe's template).", fmt,
+                            {name: len(rows), **counts}, decon, source=cfg.data.train, tags=[name])
+        (d / "README.md").write_text(card)
 
 
 def _bin_edges(values: list[int], bins: int = LENGTH_BINS) -> list[int]:

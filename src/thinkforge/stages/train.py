@@ -351,6 +351,7 @@ def fit(trainer: Any, cfg: Recipe, stage: str, t: TrainConfig, model_path: str |
 
     use_plain_lm_head(trainer)  # CPU only: TRL's tiled head is built for GPU kernels
     info: dict[str, Any] = {"resumed_from": None, "checkpoint_prefix": None}
+    trainer.thinkforge_recipe = cfg  # finish() writes the evaluation protocol and template from it
     resume: str | None = None
     guard = NonFiniteGuard(stage, metrics)
     trainer.add_callback(guard)  # before CheckpointSync: its on_save vetoes a non-finite checkpoint
@@ -393,8 +394,17 @@ def fit(trainer: Any, cfg: Recipe, stage: str, t: TrainConfig, model_path: str |
 
 
 def finish(trainer: Any, tokenizer: Any, out_dir: str | Path, examples: int, start: float,
-           metric: str = "loss", **extra: Any) -> TrainResult:
-    """Save the trained model (safetensors) and summarize the run's log history."""
+           metric: str = "loss", recipe: Recipe | None = None, **extra: Any) -> TrainResult:
+    """Save the trained model (safetensors) and summarize the run's log history.
+
+    The saved folder is the model and nothing else (:func:`thinkforge.models.finalize_model_dir`): the
+    Trainer's ``<out>/trainer`` (local checkpoints, restored checkpoints, DPO's reference cache),
+    ``training_args.bin`` and any pickle are removed once the weights are written; with the recipe
+    (``recipe``, else the one :func:`fit` ran with) its ``generation_config.json`` carries the evaluation
+    protocol and its chat template the recipe's system message."""
+    from thinkforge.models import clean_model_dir, finalize_model_dir
+
+    recipe = recipe if recipe is not None else getattr(trainer, "thinkforge_recipe", None)
     history = [h for h in trainer.state.log_history if "loss" in h or metric in h]
     values = [h[metric] for h in history if metric in h and h[metric] is not None]
     bad = next((h for h in history if not math.isfinite(float(h.get("loss") or 0.0))), None)
@@ -405,8 +415,12 @@ def finish(trainer: Any, tokenizer: Any, out_dir: str | Path, examples: int, sta
         trainer.save_model(str(out_dir))
         if trainer.accelerator.is_main_process:
             tokenizer.save_pretrained(out_dir)
+            if recipe is not None:
+                finalize_model_dir(out_dir, recipe, tokenizer)
+            clean_model_dir(out_dir)
     else:
-        save_model(trainer.model, tokenizer, out_dir)
+        save_model(trainer.model, tokenizer, out_dir, cfg=recipe)
+        clean_model_dir(out_dir)
     return TrainResult(
         steps=trainer.state.global_step,
         examples=examples,
