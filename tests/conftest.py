@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = [p for p in ("plugins.prometheus", "plugins.s3", "plugins.mlflow") if (Path(__file__).parent / "plugins" / (p.split(".")[1] + ".py")).exists()]
+pytest_plugins = [p for p in ("plugins.prometheus", "plugins.s3", "plugins.llama", "plugins.mlflow") if (Path(__file__).parent / "plugins" / (p.split(".")[1] + ".py")).exists()]
 
 
 @pytest.fixture(scope="session")

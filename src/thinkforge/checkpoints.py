@@ -45,10 +45,12 @@ from typing import Any, Callable, Iterable
 from thinkforge.storage import (
     DISK_ERRNOS,
     ChecksumError,
+    CredentialsError,
     DiskWriteError,
     IncompleteError,
     NotFound,
     ObjectStore,
+    PermissionDenied,
     StorageError,
     check_key,
 )
@@ -111,7 +113,10 @@ class CheckpointSync(_CallbackBase):  # type: ignore[misc,valid-type]
     ``on_error``: ``"raise"`` stops training when an upload fails after the store's retries;
     ``"warn"`` (default) logs an error, counts it, and lets training go on (the next save tries
     again), but raises once ``max_consecutive_failures`` uploads in a row have failed, so a run never
-    trains for long without a remote checkpoint. ``metrics`` is an optional
+    trains for long without a remote checkpoint. Refused credentials and denied writes
+    (:class:`thinkforge.storage.CredentialsError`, :class:`thinkforge.storage.PermissionDenied`: an
+    expired session token, a revoked key or policy) raise at once in either mode: they do not recover by
+    themselves, and every further step would train without a remote checkpoint. ``metrics`` is an optional
     :class:`thinkforge.metrics.StageMetrics` (the ``checkpoint_*`` counters).
     """
 
@@ -180,6 +185,12 @@ class CheckpointSync(_CallbackBase):  # type: ignore[misc,valid-type]
         except StorageError as e:
             self.failures += 1
             self._inc("checkpoint_upload_failures_total")
+            if isinstance(e, (CredentialsError, PermissionDenied)):
+                last = f"checkpoint-{self.uploaded[-1]}" if self.uploaded else "none"
+                raise type(e)(
+                    f"checkpoint upload at step {step} refused: {e}. Training stops: refused credentials or a "
+                    f"denied write do not recover by retrying (last uploaded checkpoint of this run: {last})"
+                ) from e
             if self.on_error == "raise" or self.failures >= self.max_consecutive_failures:
                 raise StorageError(
                     f"checkpoint upload at step {step} failed ({self.failures} in a row): {e}"

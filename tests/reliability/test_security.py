@@ -1,8 +1,10 @@
 """Security: nothing leaks, no code runs from models or artifacts.
 
-- the smoke pipeline, run with distinctive dummy secrets in the environment (and using the S3 ones
-  for real, against the loopback S3 server), leaves none of them in its logs, KFP metadata,
-  metrics (KFP and a real Pushgateway), artifacts, object storage or the compiled pipeline;
+- the smoke pipeline, run with distinctive dummy secrets in the environment (using the S3 ones for
+  real against the loopback S3 server, and the teacher key for real against a llama.cpp server that
+  requires it), leaves none of them in its logs, KFP metadata, metrics (KFP and a real Pushgateway),
+  artifacts, object storage or the compiled pipeline; a positive control shows the search finds a key
+  that is logged;
 - ``trust_remote_code`` is off unless the recipe turns it on: custom code in a model directory is not
   executed (and a positive control shows the test would see it run);
 - models load from safetensors only; a directory holding only ``pytorch_model.bin`` is refused
@@ -28,6 +30,8 @@ import pickle
 import re
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -52,25 +56,69 @@ def dummy_secrets() -> dict[str, str]:
 
 
 def find_secrets(blobs: dict[str, bytes], secrets: dict[str, str]) -> list[str]:
-    """``where: NAME`` for every secret value found in any blob (raw, or JSON-escaped)."""
+    """``where: NAME`` for every secret value found in any blob (raw, JSON-escaped, or with ``/`` escaped
+    as ``\\/`` the way some JSON writers do), each secret once per blob."""
     found = []
     for where, data in blobs.items():
         for name, value in secrets.items():
-            for form in {value, json.dumps(value)[1:-1]}:
-                if form.encode() in data:
-                    found.append(f"{where}: {name}")
+            forms = {value, json.dumps(value)[1:-1], json.dumps(value)[1:-1].replace("/", "\\/")}
+            if any(form.encode() in data for form in forms):
+                found.append(f"{where}: {name}")
     return found
+
+
+def test_find_secrets_finds_a_logged_teacher_key():
+    """Positive control of the search above: a teacher key that is logged (raw, in a JSON record, as an
+    Authorization header) is found, under the blob and the secret's name; other values are not."""
+    secrets = dummy_secrets()
+    key = secrets["THINKFORGE_TEACHER_API_KEY"]
+    blobs = {
+        "task log": f"INFO generate: POST http://127.0.0.1:8080/v1/chat/completions Authorization: Bearer {key}\n".encode(),
+        "executor_output.json": json.dumps({"headers": {"Authorization": f"Bearer {key}"}}).encode(),
+        "clean": b"Authorization: Bearer <redacted>",
+    }
+    assert find_secrets(blobs, secrets) == ["task log: THINKFORGE_TEACHER_API_KEY",
+                                            "executor_output.json: THINKFORGE_TEACHER_API_KEY"]
+    # a value JSON escapes differently (the S3 secret has a '/') is found in its escaped form too
+    escaped = json.dumps({"s": secrets["THINKFORGE_S3_SECRET_KEY"]}, ensure_ascii=True).replace("/", "\\/")
+    assert find_secrets({"m": escaped.encode()}, secrets) == ["m: THINKFORGE_S3_SECRET_KEY"]
 
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_smoke_pipeline_with_dummy_secrets_leaks_none(s3_server, pushgateway, tmp_path):
-    """`thinkforge run --recipe recipes/smoke.yaml` with the five secrets set: the S3 credentials are
-    used for real (checkpoints and the registry go to the loopback S3 server, metrics to a Pushgateway),
-    and not one secret value appears in stdout/stderr, any file under the pipeline root (task logs,
-    executor_output.json metadata, metrics, every artifact), any object written to the bucket, the
-    Pushgateway's metrics, or the compiled pipeline."""
+def test_smoke_pipeline_with_dummy_secrets_leaks_none(s3_server, pushgateway, llama_server_factory, tmp_path):
+    """`thinkforge run --recipe recipes/smoke.yaml` with the five secrets set, and not one secret value
+    appears in stdout/stderr, any file under the pipeline root (task logs, executor_output.json metadata,
+    metrics, every artifact), any object written to the bucket, the Pushgateway's metrics, or the
+    compiled pipeline.
+
+    What each secret does in the run:
+
+    - the S3 keys are used for real: checkpoints and the registry go to the loopback S3 server, which
+      checks signatures (a run that did not sign with them fails);
+    - the teacher key is used for real: generate runs ``generate.engine=openai`` against a llama.cpp
+      server started with ``--api_key`` <the dummy key>, on loopback (the compiled allowlist
+      THINKFORGE_TEACHER_HOSTS holds the recipe's own endpoint, so the engine sends the key). The server
+      answers 401 to a request without it, so the run succeeding, with the server's log showing
+      completions answered 200 and no 401, and the rollouts naming the server's model, proves the key
+      went out on every request;
+    - HF_TOKEN is read the way production reads it, and no further: no thinkforge code reads it (src/
+      only names it: ``cluster.hf_secret`` becomes a ``secretKeyRef`` env var on the pods,
+      pipelines/placement.py, trainjob.py); huggingface_hub/datasets take it from the environment when
+      they call the hub. Here every task gets it in its environment exactly as the teacher key (which
+      the 401s prove arrives), and the compile step sets ``cluster.hf_secret`` so the compiled pipeline
+      wires HF_TOKEN by reference (asserted). NOT exercised: the token is never sent nor put in a
+      request, since the run is offline (HF_HUB_OFFLINE=1, a random local model, builtin data; there is
+      no hub to reach), so a leak through a hub request or a hub error message would go unseen here;
+    - AWS_SECRET_ACCESS_KEY is only present (thinkforge reads THINKFORGE_S3_*): nothing may copy it out."""
     secrets = dummy_secrets()
+    # the S3 server checks signatures: the dummy keys must really sign (the run has to use them)
+    s3_server.add_key(secrets["THINKFORGE_S3_ACCESS_KEY"], secrets["THINKFORGE_S3_SECRET_KEY"])
+    teacher = llama_server_factory(api_key=secrets["THINKFORGE_TEACHER_API_KEY"])
+    for headers in ({}, {"Authorization": "Bearer sk-not-the-key"}):  # the server really demands the key
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"{teacher.url}/models", headers=headers), timeout=10)
+        assert refused.value.code == 401
     store = s3_server.store()
     run_id = f"secret-smoke-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, **secrets, "PYTHONUNBUFFERED": "1",
@@ -78,7 +126,9 @@ def test_smoke_pipeline_with_dummy_secrets_leaks_none(s3_server, pushgateway, tm
     root = tmp_path / "root"
     sets = [f"run.name={run_id}", f"storage.bucket={store.bucket}", "storage.secure=false",
             "midtrain.save_steps=2", "sft.save_steps=2", f"metrics.push_url={pushgateway.url}",
-            "evaluate.per_stage=false", "evaluate.evaluate_base=false"]
+            "evaluate.per_stage=false", "evaluate.evaluate_base=false",
+            "generate.engine=openai", f"generate.endpoint={teacher.url}", f"generate.endpoint_model={teacher.model}",
+            "generate.concurrency=2", "generate.request_timeout_s=120"]
     args = [sys.executable, "-m", "thinkforge.cli", "run", "--recipe", str(ROOT / "recipes" / "smoke.yaml"),
             "--pipeline-root", str(root)] + [a for s in sets for a in ("--set", s)]
     try:
@@ -94,11 +144,23 @@ def test_smoke_pipeline_with_dummy_secrets_leaks_none(s3_server, pushgateway, tm
         metrics_text = pushgateway.text()
         blobs["pushgateway /metrics"] = metrics_text.encode()
         compiled = tmp_path / "pipeline.yaml"
+        # the run's teacher settings, and the secrets as production wires them (Secret references)
+        comp_sets = sets[-5:] + ["cluster.teacher_secret=tf-teacher", "cluster.hf_secret=tf-hf"]
         comp = subprocess.run([sys.executable, "-m", "thinkforge.cli", "compile", "--recipe",
-                               str(ROOT / "recipes" / "smoke.yaml"), "--out", str(compiled)],
+                               str(ROOT / "recipes" / "smoke.yaml"), "--out", str(compiled)]
+                              + [a for s in comp_sets for a in ("--set", s)],
                               cwd=tmp_path, env=env, capture_output=True, timeout=300)
         assert comp.returncode == 0, comp.stderr.decode(errors="replace")[-2000:]
         blobs.update({"compile stdout": comp.stdout + comp.stderr, "pipeline.yaml": compiled.read_bytes()})
+        for ref in (b"HF_TOKEN", b"tf-hf", b"THINKFORGE_TEACHER_API_KEY", b"tf-teacher"):
+            assert ref in blobs["pipeline.yaml"], ref  # by reference, never by value (the grep below)
+
+        # The teacher key was really used: every completion request carried it (the server refuses others).
+        teacher.check_alive()
+        server_log = teacher.log()
+        assert server_log.count('"POST /v1/chat/completions HTTP/1.1" 200') >= 16, server_log[-2000:]
+        assert not re.search(r'"POST [^"]*" 40[13]', server_log), server_log[-2000:]  # (only the probes above got 401)
+        assert any(re.search(rb'"teacher":\s*"smollm2"', data) for data in blobs.values()), "no teacher rollouts"
 
         # The search covered what it claims to: metadata, task output, checkpoints, registry, metrics.
         assert sum(p.name == "executor_output.json" for p in files) >= 10
