@@ -215,7 +215,7 @@ def rank_files(store, prefix: str, step: int) -> list[str]:
     return sorted(store.manifest(f"{prefix}/checkpoint-{step}")["files"])
 
 
-def run_and_resume(setup, stage: str):
+def run_and_resume(setup, stage: str, capfd):
     from thinkforge.launch import stage_function
 
     base, model, data, d, store = setup
@@ -237,11 +237,15 @@ def run_and_resume(setup, stage: str):
     assert any("zero_pp_rank_0_" in f for f in shards) and any("zero_pp_rank_1_" in f for f in shards), files
 
     out2 = d / f"{stage}-evicted-out2"
+    capfd.readouterr()
     resumed = stage_function(stage, cfg)(cfg, model, data, out2)  # the retried pod: a fresh directory
     assert resumed.extra["resumed_from"] == SAVE
     assert resumed.steps == FINAL
-    # one download (by the local main process) that every rank read: one complete copy, no partial ones
-    assert sorted(p.name for p in (out2 / "trainer" / "restored").iterdir()) == [f"checkpoint-{SAVE}"]
+    # one download (by the local main process) that every rank read; the work folder holding it is gone
+    # with the rest of the Trainer's files once the model is saved (the model folder holds only the model)
+    log = "".join(capfd.readouterr())
+    assert log.count(f"checkpoints: restored step {SAVE} from") == 1, log[-3000:]
+    assert not (out2 / "trainer").exists()
     store.download_file(f"{prefix}/checkpoint-{SAVE}/model.safetensors", d / f"{stage}-ckpt.safetensors")
     from safetensors.torch import load_file
 
@@ -260,25 +264,25 @@ def after_checkpoint(result, *keys: str) -> list[tuple]:
     return rows
 
 
-def test_sft_two_ranks_evicted_then_resumed(setup):
-    ref, resumed, diff = run_and_resume(setup, "sft")
+def test_sft_two_ranks_evicted_then_resumed(setup, capfd):
+    ref, resumed, diff = run_and_resume(setup, "sft", capfd)
     assert diff == 0.0
     assert after_checkpoint(resumed, "loss") == after_checkpoint(ref, "loss")
 
 
-def test_dpo_two_ranks_evicted_then_resumed(setup):
+def test_dpo_two_ranks_evicted_then_resumed(setup, capfd):
     """Also: the resumed run's reference log-probs are the incoming model's (precomputed before the
     checkpoint's weights are loaded), so its DPO losses and rewards match the uninterrupted run's."""
-    ref, resumed, diff = run_and_resume(setup, "dpo")
+    ref, resumed, diff = run_and_resume(setup, "dpo", capfd)
     assert diff == 0.0
     keys = ("loss", "rewards/chosen", "rewards/rejected")
     assert after_checkpoint(resumed, *keys) == after_checkpoint(ref, *keys)
 
 
-def test_grpo_two_ranks_evicted_then_resumed(setup):
+def test_grpo_two_ranks_evicted_then_resumed(setup, capfd):
     """Also: the rollouts after the resume are the uninterrupted run's (each rank's sampling RNG comes
     back from its own rng_state_<rank>.pth): the same rewards, spreads and losses."""
-    ref, resumed, diff = run_and_resume(setup, "rl")
+    ref, resumed, diff = run_and_resume(setup, "rl", capfd)
     keys = ("reward", "reward_std", "loss")
     assert any(std > 0 for _, std, _ in after_checkpoint(ref, *keys)), "no reward spread after the checkpoint"
     assert after_checkpoint(resumed, *keys) == after_checkpoint(ref, *keys)

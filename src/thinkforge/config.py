@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, field_serializer, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -204,9 +203,6 @@ class TrainConfig(Section):
         "final metrics to: tensorboard, mlflow, wandb (empty or none = none: no tracker, no network calls). MLflow "
         "runs are named <run.name>-<run.id>-<stage> in experiment tracking.experiment (default run.name).",
     )
-    # Set by Recipe (not a field, never serialized): the stage's name, run and tracking sections, so that
-    # stages.train.training_args can name the tracker's run without every stage passing the recipe along.
-    _tracking: tuple[str, Any, Any] | None = PrivateAttr(None)
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -606,12 +602,6 @@ class Recipe(Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-
-    @model_validator(mode="after")
-    def _link_tracking(self) -> Recipe:
-        for stage in ("midtrain", "sft", "dpo", "rl"):
-            getattr(self, stage)._tracking = (stage, self.run, self.tracking)
-        return self
 
     @model_validator(mode="after")
     def _master_weights(self) -> Recipe:

@@ -20,7 +20,7 @@ from typing import Any
 
 from thinkforge.config import Recipe
 from thinkforge.records import PAIR_FIELDS
-from thinkforge.stages.train import TrainResult, callbacks, checkpointing, finish, fit, load_student, read_rows, \
+from thinkforge.stages.train import TrainResult, callbacks, finish, fit, load_student, read_rows, \
     training_args, world_size
 from thinkforge.templates import render_prompt, render_target, use_end_of_turn_as_eos
 
@@ -45,13 +45,13 @@ def dpo(cfg: Recipe, model_path: str | Path, pairs_path: str | Path, out_dir: st
     })
     if precompute and world_size() > 1:
         data = shared_cache_dir(data, Path(out_dir) / "trainer" / "reference-logps")
-    args = training_args(DPOConfig, t, Path(out_dir) / "trainer", cfg.run.seed, checkpoints=checkpointing(cfg, t),
+    args = training_args(DPOConfig, cfg, "dpo", Path(out_dir) / "trainer",
                          max_length=t.max_length, beta=t.beta, loss_type=[t.loss_type],
                          precompute_ref_log_probs=precompute)
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data, processing_class=tok,
                          callbacks=callbacks(metrics, model))
     info = fit(trainer, cfg, "dpo", t, model_path, pairs_path, Path(out_dir) / "trainer", metrics)
-    return finish(trainer, tok, out_dir, len(rows), start, precomputed_reference=precompute, **info)
+    return finish(trainer, tok, out_dir, len(rows), start, cfg=cfg, precomputed_reference=precompute, **info)
 
 
 def shared_cache_dir(data: Any, directory: Path) -> Any:

@@ -25,7 +25,7 @@ from typing import Any
 
 from thinkforge.config import Recipe
 from thinkforge.records import SFT_FIELDS, EmptyDataError, iter_jsonl
-from thinkforge.stages.train import TrainResult, callbacks, checkpointing, finish, fit, load_student, read_rows, \
+from thinkforge.stages.train import TrainResult, callbacks, finish, fit, load_student, read_rows, \
     training_args
 from thinkforge.templates import render_prompt, render_target, use_end_of_turn_as_eos
 
@@ -122,7 +122,7 @@ def midtrain(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir
     extra: dict[str, Any] = {}
     if validation is not None:
         extra = dict(eval_strategy="steps", eval_steps=t.eval_steps)
-    args = training_args(SFTConfig, t, Path(out_dir) / "trainer", seed, checkpoints=checkpointing(cfg, t),
+    args = training_args(SFTConfig, cfg, "midtrain", Path(out_dir) / "trainer",
                          max_length=t.max_length, packing=t.packing, packing_strategy="bfd",
                          dataset_text_field="text", **extra)
     cbs = callbacks(metrics, model)
@@ -138,7 +138,7 @@ def midtrain(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir
     # The stopper in the trainer's list is the live one (a resumed run restores its state into it).
     live = next((c for c in trainer.callback_handler.callbacks if type(c).__name__ == "ValidationSaturation"), stopper)
     packed = None if t.streaming else len(trainer.train_dataset)
-    return finish(trainer, tok, out_dir, examples, start, validation_examples=len(val_rows), sequences=packed,
+    return finish(trainer, tok, out_dir, examples, start, cfg=cfg, validation_examples=len(val_rows), sequences=packed,
                   eval_losses=evals, stopped_early_at=getattr(live, "stopped_at", None),
                   best_eval_loss=best["eval_loss"] if best else None, best_eval_step=best.get("step") if best else None,
                   **info)

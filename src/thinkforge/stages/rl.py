@@ -53,7 +53,7 @@ from typing import Any
 
 from thinkforge.config import RLConfig, Recipe
 from thinkforge.records import RL_PROMPT_FIELDS, EmptyDataError
-from thinkforge.stages.train import TrainResult, callbacks, checkpointing, finish, fit, load_student, on_gpu, \
+from thinkforge.stages.train import TrainResult, callbacks, finish, fit, load_student, on_gpu, \
     read_rows, training_args
 from thinkforge.templates import render_prompt
 from thinkforge.verify import Verifier
@@ -536,7 +536,7 @@ def rl(cfg: Recipe, model_path: str | Path, prompts_path: str | Path, out_dir: s
             vllm_importance_sampling_clip_min=r.vllm_importance_sampling_clip_min or None,
         )
     args = training_args(
-        GRPOConfig, r, Path(out_dir) / "trainer", cfg.run.seed, checkpoints=checkpointing(cfg, r),
+        GRPOConfig, cfg, "rl", Path(out_dir) / "trainer",
         num_generations=r.num_generations, max_completion_length=r.max_completion_tokens,
         temperature=r.temperature_start, top_p=r.top_p, beta=r.beta, use_vllm=r.use_vllm,
         loss_type=r.loss_type, scale_rewards=r.scale_rewards, epsilon=r.epsilon,
@@ -559,5 +559,5 @@ def rl(cfg: Recipe, model_path: str | Path, prompts_path: str | Path, out_dir: s
     if trainer.importance_sampling_off_reason:
         extra["importance_sampling_off"] = trainer.importance_sampling_off_reason
     used = [h["temperature"] for h in trainer.state.log_history if "temperature" in h]
-    return finish(trainer, tok, out_dir, len(rows), start, metric="reward",
+    return finish(trainer, tok, out_dir, len(rows), start, metric="reward", cfg=cfg,
                   temperatures=[t for _, t in anneal.used], sampled_temperatures=used, **extra, **info)

@@ -8,7 +8,7 @@ from typing import Any
 
 from thinkforge.config import Recipe
 from thinkforge.records import SFT_FIELDS
-from thinkforge.stages.train import TrainResult, callbacks, checkpointing, finish, fit, load_student, read_rows, \
+from thinkforge.stages.train import TrainResult, callbacks, finish, fit, load_student, read_rows, \
     training_args
 from thinkforge.templates import render_prompt, render_target, use_end_of_turn_as_eos
 
@@ -30,9 +30,9 @@ def sft(cfg: Recipe, model_path: str | Path, data_path: str | Path, out_dir: str
         "completion": [render_target(tok, r["completion"]) for r in rows],
     })
     # No packing: each example is one sequence, so the loss sees exactly where each answer ends.
-    args = training_args(SFTConfig, t, Path(out_dir) / "trainer", cfg.run.seed, checkpoints=checkpointing(cfg, t),
+    args = training_args(SFTConfig, cfg, "sft", Path(out_dir) / "trainer",
                          max_length=t.max_length, packing=False, completion_only_loss=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                          callbacks=callbacks(metrics, model))
     info = fit(trainer, cfg, "sft", t, model_path, data_path, Path(out_dir) / "trainer", metrics)
-    return finish(trainer, tok, out_dir, len(rows), start, **info)
+    return finish(trainer, tok, out_dir, len(rows), start, cfg=cfg, **info)

@@ -79,10 +79,13 @@ def checkpointing(cfg: Recipe, t: TrainConfig) -> bool:
     return t.save_steps > 0 and bool(cfg.storage.endpoint or os.environ.get(ENV_ENDPOINT))
 
 
-def training_args(config_cls: type, t: TrainConfig, out_dir: str | Path, seed: int, *, checkpoints: bool = False,
-                  **extra: Any) -> Any:
-    """TRL/transformers arguments from a stage config. ``checkpoints``: save every ``t.save_steps`` steps
-    (the local copies are rotated to ``t.keep_checkpoints``; :func:`fit` uploads them)."""
+def training_args(config_cls: type, cfg: Recipe, stage: str, out_dir: str | Path, **extra: Any) -> Any:
+    """TRL/transformers arguments from the recipe's ``stage`` config; with object storage configured
+    (:func:`checkpointing`) it saves every ``save_steps`` steps (the local copies are rotated to
+    ``keep_checkpoints``; :func:`fit` uploads them)."""
+    t: TrainConfig = getattr(cfg, stage)
+    seed = cfg.run.seed
+    checkpoints = checkpointing(cfg, t)
     gpu = on_gpu()
     # Under `accelerate launch --use_deepspeed` the Trainer takes DeepSpeed from accelerate's plugin (and
     # fills the config's "auto" values once the processes are up); passing `deepspeed=` here as well
@@ -95,7 +98,7 @@ def training_args(config_cls: type, t: TrainConfig, out_dir: str | Path, seed: i
     save: dict[str, Any] = {"save_strategy": "no"}
     if checkpoints:
         save = {"save_strategy": "steps", "save_steps": t.save_steps, "save_total_limit": t.keep_checkpoints}
-    extra = {**_trackers(t), **extra}
+    extra = {**_trackers(cfg, stage), **extra}
     return config_cls(
         output_dir=str(out_dir),
         learning_rate=t.learning_rate,
@@ -126,19 +129,18 @@ def training_args(config_cls: type, t: TrainConfig, out_dir: str | Path, seed: i
     )
 
 
-def _trackers(t: TrainConfig) -> dict[str, Any]:
+def _trackers(cfg: Recipe, stage: str) -> dict[str, Any]:
     """``report_to`` and ``run_name`` for the stage's experiment trackers (none by default: no tracker, no
     network calls). A run is named ``<run.name>-<run.id>-<stage>`` (the id from THINKFORGE_RUN_ID in a pod
     when the config has none) in the experiment (wandb project) ``tracking.experiment`` or ``run.name``;
     MLflow's server is ``tracking.uri``, else MLFLOW_TRACKING_URI. transformers' MLflow/wandb callbacks
     read these from the environment when training starts, so they are set here, in the stage's process."""
+    t: TrainConfig = getattr(cfg, stage)
     if not t.report_to:
         return {"report_to": []}
     import importlib.util
 
-    from thinkforge.config import RunConfig, TrackingConfig
-
-    stage, run, tracking = t._tracking or ("train", RunConfig(), TrackingConfig())
+    run, tracking = cfg.run, cfg.tracking
     packages = {"mlflow": "mlflow-skinny (pip install 'thinkforge[tracking]')", "wandb": "wandb",
                 "tensorboard": "tensorboard"}
     modules = {"mlflow": ("mlflow",), "wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
@@ -351,7 +353,6 @@ def fit(trainer: Any, cfg: Recipe, stage: str, t: TrainConfig, model_path: str |
 
     use_plain_lm_head(trainer)  # CPU only: TRL's tiled head is built for GPU kernels
     info: dict[str, Any] = {"resumed_from": None, "checkpoint_prefix": None}
-    trainer.thinkforge_recipe = cfg  # finish() writes the evaluation protocol and template from it
     resume: str | None = None
     guard = NonFiniteGuard(stage, metrics)
     trainer.add_callback(guard)  # before CheckpointSync: its on_save vetoes a non-finite checkpoint
@@ -394,17 +395,16 @@ def fit(trainer: Any, cfg: Recipe, stage: str, t: TrainConfig, model_path: str |
 
 
 def finish(trainer: Any, tokenizer: Any, out_dir: str | Path, examples: int, start: float,
-           metric: str = "loss", recipe: Recipe | None = None, **extra: Any) -> TrainResult:
+           metric: str = "loss", *, cfg: Recipe, **extra: Any) -> TrainResult:
     """Save the trained model (safetensors) and summarize the run's log history.
 
     The saved folder is the model and nothing else (:func:`thinkforge.models.finalize_model_dir`): the
     Trainer's ``<out>/trainer`` (local checkpoints, restored checkpoints, DPO's reference cache),
-    ``training_args.bin`` and any pickle are removed once the weights are written; with the recipe
-    (``recipe``, else the one :func:`fit` ran with) its ``generation_config.json`` carries the evaluation
-    protocol and its chat template the recipe's system message."""
+    ``training_args.bin`` and any pickle are removed once the weights are written; its
+    ``generation_config.json`` carries the recipe's evaluation protocol and its chat template the
+    recipe's system message."""
     from thinkforge.models import clean_model_dir, finalize_model_dir
 
-    recipe = recipe if recipe is not None else getattr(trainer, "thinkforge_recipe", None)
     history = [h for h in trainer.state.log_history if "loss" in h or metric in h]
     values = [h[metric] for h in history if metric in h and h[metric] is not None]
     bad = next((h for h in history if not math.isfinite(float(h.get("loss") or 0.0))), None)
@@ -415,11 +415,10 @@ def finish(trainer: Any, tokenizer: Any, out_dir: str | Path, examples: int, sta
         trainer.save_model(str(out_dir))
         if trainer.accelerator.is_main_process:
             tokenizer.save_pretrained(out_dir)
-            if recipe is not None:
-                finalize_model_dir(out_dir, recipe, tokenizer)
+            finalize_model_dir(out_dir, cfg, tokenizer)
             clean_model_dir(out_dir)
     else:
-        save_model(trainer.model, tokenizer, out_dir, cfg=recipe)
+        save_model(trainer.model, tokenizer, out_dir, cfg=cfg)
         clean_model_dir(out_dir)
     return TrainResult(
         steps=trainer.state.global_step,
