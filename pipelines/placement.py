@@ -29,6 +29,7 @@ SECRET_ENV = (
 )
 KEY_STAGES = {"generate", "evaluate"}  # where the teacher key may be used: they get the allowlist
 ENV_KEY_HOSTS = "THINKFORGE_TEACHER_HOSTS"  # read by thinkforge.engines.openai
+ENV_SERVING_TARGET = "THINKFORGE_SERVING_TARGET"  # read by thinkforge.serving (the publish step)
 
 
 def _endpoints(recipe: Recipe) -> list[tuple[str, str]]:
@@ -109,4 +110,6 @@ def place(task, stage: str, cluster: ClusterConfig, *, launcher_only: bool = Fal
             kubernetes.use_secret_as_env(task, secret_name=name, secret_key_to_env=keys)
     if teacher_hosts is not None and stage in KEY_STAGES:
         task.set_env_variable(ENV_KEY_HOSTS, ",".join(teacher_hosts))
+    if stage == "publish" and cluster.serving_target:
+        task.set_env_variable(ENV_SERVING_TARGET, cluster.serving_target)
     return task

@@ -109,15 +109,90 @@ def test_default_off_renders_nothing_new(default_docs, vllm_docs, kserve_docs):
     assert {key(d) for d in kserve_docs} - base == {("InferenceService", NAME), ("ServiceAccount", NAME),
                                                    ("Secret", f"{NAME}-s3"), ("Role", NAME), ("RoleBinding", NAME)}
 
+def _upload_sets(docs: list[dict]) -> list[str]:
+    job = next(d for d in docs if d["kind"] == "Job" and "upload" in d["metadata"]["name"])
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    args = [*c.get("command", []), *c.get("args", [])]
+    return [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+
+
 def test_serving_changes_nothing_else(chart):
     """Serving on adds objects and changes none the chart already rendered (a fixed MinIO password:
-    a random one differs per render, and so would the StatefulSet's checksum of it)."""
+    a random one differs per render, and so would the StatefulSet's checksum of it), but for the upload
+    Job, which compiles the serving object's name into the pipeline (cluster.serving_target)."""
     pinned = {"minio": KSERVE["minio"]}
     old = {key(d): d for d in render(chart, pinned)}
-    for values in (VLLM, KSERVE):
+    for values, target in ((VLLM, f"deployment/{NAME}"), (KSERVE, f"inferenceservice/{NAME}")):
         for d in render(chart, deep_merge(pinned, values)):
-            if key(d) in old:
+            if key(d) not in old:
+                continue
+            if d["kind"] == "Job" and "upload" in d["metadata"]["name"]:
+                assert sorted(_upload_sets([d])) == sorted([*_upload_sets([old[key(d)]]),
+                                                            f"cluster.serving_target={target}"])
+            else:
                 assert d == old[key(d)], key(d)
+    assert not [s for s in _upload_sets(list(old.values())) if s.startswith("cluster.serving_target")]
+
+
+def test_the_pipeline_tells_only_the_publish_step_what_serves(vllm_docs, tmp_path):
+    """The upload Job's own --set arguments compile a pipeline whose publish task (and no other) gets
+    THINKFORGE_SERVING_TARGET, which notify_champion reads after a promotion."""
+    from thinkforge.config import load_recipe, parse_set_flags
+    from thinkforge.pipelines.training import compile_pipeline
+
+    sets = [s for s in _upload_sets(vllm_docs) if s.startswith("cluster.")]
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml", parse_set_flags(sets))
+    assert recipe.cluster.serving_target == f"deployment/{NAME}"
+    _, platform = yaml.safe_load_all(compile_pipeline(recipe, tmp_path / "p.yaml", image="t:1").read_text())
+    pipeline = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+    envs = {name: {e["name"]: e.get("value") for e in ex["container"].get("env", [])}
+            for name, ex in pipeline["deploymentSpec"]["executors"].items()}
+    having = {name for name, env in envs.items() if "THINKFORGE_SERVING_TARGET" in env}
+    assert having == {"exec-publish"} and envs["exec-publish"]["THINKFORGE_SERVING_TARGET"] == f"deployment/{NAME}"
+    from thinkforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="serving_target"):
+        load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml",
+                    {"cluster.serving_target": "pod/x"})
+
+
+def test_a_promotion_moves_serving_and_a_non_promotion_does_not(tmp_path, monkeypatch):
+    """The publish step calls notify_champion with the new champion when, and only when, it promoted."""
+    from thinkforge.stages import publish as publish_mod
+    from thinkforge.stages.evaluate import protocol
+
+    calls = []
+    monkeypatch.setattr(serving, "patch_serving", lambda api, kind, name, ns, version, uri: calls.append(
+        (kind, name, ns, version)))
+    monkeypatch.setattr(serving, "_api_client", lambda: None)
+    monkeypatch.setenv("THINKFORGE_SERVING_TARGET", f"deployment/{NAME}")
+    monkeypatch.setenv("THINKFORGE_SERVING_NAMESPACE", NAMESPACE)
+    cfg = _recipe().model_copy(update={"run": _recipe().run.model_copy(update={"name": "serve-test"})})
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={
+        "benchmarks": [{"name": "wp", "source": "builtin:word-problems?split=test", "limit": 4}], "k": 2})})
+    cfg = type(cfg).model_validate(cfg.model_dump())
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"\0" * 4096)
+
+    def results(value):
+        path = tmp_path / f"results-{value}.json"
+        path.write_text(json.dumps({
+            "label": "final", "model": "m", "protocol": protocol(cfg),
+            "benchmark_specs": {"wp": {"dataset": "custom", "source": "builtin:word-problems?split=test",
+                                       "answer_type": "math", "k": 2, "limit": 4, "n_problems": 4}},
+            "benchmarks": {"wp": {"n_problems": 4, "k": 2, "pass@1": value, "pass@1_se": 0.1, "cons@2": value,
+                                  "per_problem": {f"p{i}": float(i < round(4 * value)) for i in range(4)}}}}))
+        return path
+
+    backend = LocalBackend(tmp_path / "registry")
+    first = publish_mod.publish(cfg, model, {"final": results(0.5)}, backend=backend)
+    assert first["promoted"] and first["serving"]["notified"] is True
+    assert calls == [("deployment", NAME, NAMESPACE, first["version"])]
+    (model / "model.safetensors").write_bytes(b"\1" * 4096)
+    second = publish_mod.publish(cfg, model, {"final": results(0.25)}, backend=backend)
+    assert not second["promoted"] and "serving" not in second and len(calls) == 1
 
 
 @pytest.mark.parametrize("values", [VLLM, KSERVE], ids=["vllm", "kserve"])

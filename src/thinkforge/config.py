@@ -556,6 +556,10 @@ class ClusterConfig(Section):
         "`http://host:port` (plain http to that host, e.g. an in-cluster Service). Compile-time, so a run parameter "
         "cannot widen it. Empty = the compiled recipe's own endpoints (and loopback).")
     hf_secret: str = Field("", description="Secret with key token for the Hugging Face hub (HF_TOKEN).")
+    serving_target: str = Field(
+        "", pattern=r"^((deployment|inferenceservice)/[a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$",
+        description="The chart's serving object the publish step points at a newly promoted champion, "
+        "`deployment/<name>` or `inferenceservice/<name>` (the chart sets it with serving.enabled; empty = none).")
     defaults: Placement = Field(default_factory=Placement, description="Placement of every stage unless overridden.")
     stages: dict[str, Placement] = Field(default_factory=dict, description=f"Per-stage placement: {STAGE_KEYS}.")
 

@@ -34,4 +34,10 @@ def publish(cfg: Recipe, model_dir: str | os.PathLike[str], results: dict[str, s
         return {"published": False, "promoted": False, "reason": "registry off (registry.enabled=false)"}
     loaded = {label: read_results(p) for label, p in results.items()}
     digests = {name: artifact_digest(path, uri) for name, (path, uri) in (artifacts or {}).items()}
-    return publish_model(cfg, model_dir, loaded, digests, kfp_run=kfp_run, backend=backend)
+    out = publish_model(cfg, model_dir, loaded, digests, kfp_run=kfp_run, backend=backend)
+    if out.get("promoted"):
+        from thinkforge.serving import notify_champion
+
+        # the chart's serving object (THINKFORGE_SERVING_TARGET) moves to the new champion; never raises
+        out["serving"] = notify_champion(cfg, out["version"])
+    return out
