@@ -652,6 +652,7 @@ def _earlier_promotion(cfg: Recipe, candidate: dict[str, Any], champ: dict[str, 
                           f"{champ.get('version')} ({_pct(champ.get('value'))})"}
     return None
 
+
 # --- by hand: list, show, fetch, promote, rollback (`thinkforge registry ...`) -------------------
 #
 # A manual promotion or rollback moves `champion.json` with the same compare-and-swap as the gate
