@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from thinkforge.ranks import wait_for_every_rank
 from thinkforge.storage import (
     DISK_ERRNOS,
     ChecksumError,
@@ -198,16 +199,6 @@ class CheckpointSync(_CallbackBase):  # type: ignore[misc,valid-type]
             log.error("checkpoints: upload of step %d failed (%d in a row; training goes on): %s",
                       step, self.failures, e)
         return control
-
-
-def wait_for_every_rank() -> None:
-    """A barrier over the training processes (a no-op in one process)."""
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover - torch is a training dependency
-        return
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def latest_complete(store: ObjectStore, prefix: str) -> tuple[int, str] | None:

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 from thinkforge.config import Recipe, TrainConfig, load_recipe, validate
 from thinkforge.distributed import DEEPSPEED_NAMES, STAGES, result_from_json, result_to_json
+from thinkforge.ranks import leave_process_group
 from thinkforge.stages.train import ENV_DEEPSPEED_CONFIG, ENV_LAUNCHED, TrainResult
 
 log = logging.getLogger("thinkforge.launch")
@@ -236,18 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in result_to_json(result).items() if k != "history"}), flush=True)
     leave_process_group()
     return 0
-
-
-def leave_process_group() -> None:
-    """Wait for every rank, then close the process group: a rank that exits while its gloo peers still
-    hold connections can abort in their background threads, and accelerate then fails the whole launch."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
