@@ -133,3 +133,10 @@ def test_constraints_cover_the_project_dependencies():
             continue
         assert name in pins, f"{name} has no pin in docker/constraints.txt"
         assert dep.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} does not satisfy {dep}"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_images_carry_the_tracking_client(path):
+    """A stage with `report_to: [mlflow]` runs in these images: they install the `tracking` extra."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["tracking"] and '"/src[tracking]"' in path.read_text()
