@@ -154,9 +154,10 @@ def publish_component(config: Any, model: Any, results: dict[str, Any], artifact
 
 
 def report_component(config: Any, results: dict[str, Any], summaries: dict[str, Any], decision: Any,
-                     report_md: Any, report_html: Any, ablation_md: Any, ablation_html: Any, metrics: Any) -> None:
+                     report_md: Any, report_html: Any, ablation_md: Any, ablation_html: Any, metrics: Any,
+                     models: dict[str, Any] | None = None, samples: dict[str, Any] | None = None) -> None:
     from thinkforge.stages.report import (ablation, ablation_html as ab_html, ablation_markdown, ablation_plot,
-                                          compare, markdown, to_html)
+                                          compare, markdown, report_page)
 
     cfg = load_config(config)
     # An input is None when its task is not in the compiled DAG (stage off, evaluation not asked for).
@@ -169,10 +170,13 @@ def report_component(config: Any, results: dict[str, Any], summaries: dict[str, 
     dec = _json(decision) if decision is not None else None
     md = markdown(cfg, rows, stages, table, dec)
     Path(report_md.path).write_text(md)
-    Path(report_html.path).write_text(to_html(md))
+    ab_png = ablation_plot(table) if table["rows"] else b""
+    Path(report_html.path).write_text(report_page(
+        md, ab_png if len(table["rows"]) > 2 else b"", histories=report_histories(models or {}),
+        base_samples=report_samples((samples or {}).get("base")), final_samples=report_samples((samples or {}).get("final"))))
     ab_md = ablation_markdown(cfg, table)
     Path(ablation_md.path).write_text(ab_md)
-    Path(ablation_html.path).write_text(ab_html(ab_md, ablation_plot(table) if table["rows"] else b""))
+    Path(ablation_html.path).write_text(ab_html(ab_md, ab_png))
     for r in rows:
         metrics.log_metric(f"{r['benchmark']}.final_pass@1", r["final"]["pass@1"])
         if "gain" in r:
@@ -185,3 +189,24 @@ def report_component(config: Any, results: dict[str, Any], summaries: dict[str, 
     if dec is not None:
         metrics.log_metric("registry.promoted", 1.0 if dec.get("promoted") else 0.0)
     print(md)
+
+
+def report_histories(models: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """stage -> the trainer's log history from its model artifact (LOG_HISTORY); stages that are off (no
+    artifact) or whose model holds no history are left out."""
+    out = {}
+    for stage, model in models.items():
+        path = Path(model.path, LOG_HISTORY) if model is not None else None
+        if path is not None and path.is_file():
+            out[stage] = [h for h in json.loads(path.read_text()) if isinstance(h, dict)]
+    return out
+
+
+def report_samples(artifact: Any) -> list[dict[str, Any]]:
+    """The eval samples of one evaluate task (its samples folder: samples-<benchmark>.jsonl); [] when absent."""
+    if artifact is None or not Path(artifact.path).is_dir():
+        return []
+    rows = []
+    for f in sorted(Path(artifact.path).glob("samples-*.jsonl")):
+        rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return rows

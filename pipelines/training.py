@@ -73,29 +73,32 @@ def build_pipeline(recipe: Recipe, image: str = ""):
         flt = task(c.filter_rollouts, "filter", "2 filter", config=cfg, rollouts=gen.outputs["rollouts"])
         summaries = {"generate_summary": gen.outputs["summary"], "filter_summary": flt.outputs["summary"]}
         data = {"midtrain": "midtrain_data", "sft": "sft_data", "dpo": "dpo_pairs", "rl": "rl_prompts"}
-        model, results = base, {}
+        model, results, extra = base, {}, {}  # extra: what only the report reads (curves, samples)
         if ev.enabled and (ev.evaluate_base or ev.per_stage):
-            results["base_results"] = task(c.evaluate, "evaluate", "7 evaluate base", config=cfg, model=base,
-                                           label="base").outputs["results"]
+            ev_base = task(c.evaluate, "evaluate", "7 evaluate base", config=cfg, model=base, label="base")
+            results["base_results"] = ev_base.outputs["results"]
+            extra["base_samples"] = ev_base.outputs["samples"]
         for stage, title in TRAIN_STAGES.items():
             if not on[stage]:
                 continue
             t = task(getattr(c, stage), stage, title, config=cfg, model=model, data=flt.outputs[data[stage]])
             model = t.outputs["trained"]
             summaries[f"{stage}_summary"] = t.outputs["summary"]
+            extra[f"{stage}_model"] = model  # its log_history.json: the report's training curves
             if ev.enabled and ev.per_stage and stage in PER_STAGE_TITLES:
                 results[f"{stage}_results"] = task(
                     c.evaluate, "evaluate", f"7 evaluate {PER_STAGE_TITLES[stage]}", config=cfg, model=model,
                     label=stage).outputs["results"]
         if ev.enabled:
-            results["final_results"] = task(c.evaluate, "evaluate", "7 evaluate final", config=cfg, model=model,
-                                            label="final").outputs["results"]
+            ev_final = task(c.evaluate, "evaluate", "7 evaluate final", config=cfg, model=model, label="final")
+            results["final_results"] = ev_final.outputs["results"]
+            extra["final_samples"] = ev_final.outputs["samples"]
         decision = {}
         if recipe.registry.enabled:
             pub = task(c.publish, "publish", "8 publish", config=cfg, model=model,
                        kfp_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **results, **summaries)
             decision = {"decision": pub.outputs["decision"]}
-        rep = task(c.report, "report", "report", config=cfg, **decision, **results, **summaries)
+        rep = task(c.report, "report", "report", config=cfg, **decision, **results, **summaries, **extra)
         return rep.outputs["report_md"]
 
     thinkforge.__signature__ = inspect.Signature(

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install the Prometheus services the test-suite starts by hand (tests/plugins/prometheus.py):
-# Debian's `prometheus` and `prometheus-pushgateway`. Idempotent: runs `apt-get update` only when a
+# Debian's `prometheus` and `prometheus-pushgateway`, and Debian's `chromium`, the headless browser that
+# renders the HTML report in tests/test_report_html.py. Idempotent: runs `apt-get update` only when a
 # package is missing and no candidate is known, never starts or enables system services, and prints
 # the installed versions.
 set -euo pipefail
 
-PKGS=(prometheus prometheus-pushgateway)
-BINS=(/usr/bin/prometheus /usr/bin/prometheus-pushgateway)
+PKGS=(prometheus prometheus-pushgateway chromium)
+BINS=(/usr/bin/prometheus /usr/bin/prometheus-pushgateway /usr/bin/chromium)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
@@ -53,3 +54,4 @@ for b in "${BINS[@]}"; do
 done
 /usr/bin/prometheus --version 2>&1 | head -1
 /usr/bin/prometheus-pushgateway --version 2>&1 | head -1
+/usr/bin/chromium --version 2>&1 | head -1

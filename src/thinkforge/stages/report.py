@@ -2,8 +2,12 @@
 the per-stage ablation table (base / +mid-train / +SFT / +DPO / +RL, with a plot), the registry's
 promotion decision and per-stage summaries.
 
-Written as Markdown (printed in the terminal) and HTML (KFP visualization artifacts; the plot is a PNG
-embedded as base64, so the page is self-contained).
+Written as Markdown (printed in the terminal) and HTML (KFP visualization artifacts). The HTML page
+(:func:`report_page`) renders the Markdown with markdown-it-py (raw HTML in it is escaped) and adds the
+ablation chart, each trainer's curves (its log history), the completion-length histograms base vs final
+and a few example problems with both models' answers side by side (escaped: completions are untrusted
+text). Charts are PNGs embedded as base64 and a Content-Security-Policy allows nothing but those and the
+inline style, so the page is one self-contained file that loads nothing from the network.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any
+import math
+from typing import Any, Iterable
 
 from thinkforge.answers import STRICT_RULES
 from thinkforge.config import Recipe
@@ -233,38 +238,184 @@ def ablation_plot(table: dict[str, Any]) -> bytes:
 
 
 def ablation_html(md: str, png: bytes) -> str:
-    img = (f"<img alt='pass@1 by stage' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
-           if png else "")
-    page = to_html(md)
-    return page.replace("</h1>", "</h1>" + img, 1) if "</h1>" in page else page.replace("<body>", "<body>" + img, 1)
+    return to_html(md, charts=[("pass@1 by stage", png)] if png else [])
 
 
-def to_html(md: str) -> str:
-    """A self-contained HTML page of the Markdown report (tables and lists; no external assets)."""
-    out, in_table = ["<html><head><meta charset='utf-8'><style>body{font-family:sans-serif;max-width:1100px}"
-                     "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}</style></head><body>"], False
-    for line in md.splitlines():
-        if line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= {"-"}:
-                continue
-            if not in_table:
-                out.append("<table>")
-                in_table = True
-                out.append("<tr>" + "".join(f"<th>{c}</th>" for c in cells) + "</tr>")
-            else:
-                out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            out.append("</table>")
-            in_table = False
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
-        elif line.strip().startswith("- "):
-            out.append(f"<p style='margin-left:{2 + line.index('-')}em'>&bull; {html.escape(line.strip()[2:])}</p>")
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    if in_table:
-        out.append("</table>")
-    return "\n".join(out + ["</body></html>"])
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em;color:#222}"
+         "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+         "vertical-align:top;text-align:left}th{background:#f4f4f4}code{background:#f4f4f4;padding:0 2px}"
+         "img{max-width:100%;display:block;margin:0.5em 0}"
+         "pre{white-space:pre-wrap;max-height:14em;overflow:auto;margin:0;font-size:12px;max-width:42em}"
+         ".ok{color:#1a7f37;font-weight:bold}.bad{color:#c62828;font-weight:bold}")
+
+
+def _markdown_it():
+    from markdown_it import MarkdownIt
+
+    # js-default: CommonMark plus tables and strikethrough, with raw HTML off (escaped as text)
+    return MarkdownIt("js-default")
+
+
+def _img(alt: str, png: bytes) -> str:
+    return (f"<img alt='{html.escape(alt, quote=True)}' "
+            f"src='data:image/png;base64,{base64.b64encode(png).decode()}'/>")
+
+
+def to_html(md: str, charts: Iterable[tuple[str, bytes]] = (), sections: Iterable[str] = ()) -> str:
+    """A self-contained HTML page of the Markdown report: the Markdown rendered (tables, **bold**, lists;
+    raw HTML escaped), `charts` (alt text, PNG) after the title and `sections` (HTML built here, its text
+    escaped) at the end. Nothing external: the CSP forbids every fetch but data: images."""
+    body = _markdown_it().render(md)
+    imgs = "".join(_img(alt, png) for alt, png in charts if png)
+    if imgs:
+        body = body.replace("</h1>", "</h1>\n" + imgs, 1) if "</h1>" in body else imgs + body
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
+            f"<title>thinkforge report</title><style>{STYLE}</style></head><body>\n"
+            + body + "".join(sections) + "\n</body></html>")
+
+
+# --- the HTML report's charts and examples ----------------------------------------------------------
+
+CURVES = (("loss", "loss"), ("reward", "reward (mean)"), ("kl", "KL to reference"), ("temperature", "temperature"))
+
+
+def _points(history: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    pts = []
+    for i, h in enumerate(history):
+        v = h.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            pts.append((float(h.get("step", i)), float(v)))
+    return pts
+
+
+def training_curves(histories: dict[str, list[dict[str, Any]]]) -> bytes:
+    """A PNG of each trainer's log history: loss per step for every trained stage, and reward, KL and
+    temperature per step for RL; b"" when no history holds any of them."""
+    panels = [(key, title, [(stage, pts) for stage, h in histories.items() if (pts := _points(h or [], key))])
+              for key, title in CURVES]
+    panels = [p for p in panels if p[2]]
+    if not panels:
+        return b""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.2 * rows), dpi=100, squeeze=False)
+    for ax, (key, title, series) in zip(axes.flat, panels):
+        for stage, pts in series:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="." if len(pts) < 40 else None, label=stage)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("training curves (each trainer's log history)")
+    fig.tight_layout()
+    return _png(fig, plt)
+
+
+def _png(fig: Any, plt: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def length_histograms(base: list[dict[str, Any]], final: list[dict[str, Any]]) -> bytes:
+    """A PNG: completion lengths (tokens) of the base and final models' eval samples, one panel per
+    benchmark; b"" without samples."""
+    benches = list(dict.fromkeys(s.get("benchmark", "") for s in [*base, *final]))
+    lengths = {(label, b): [s["num_tokens"] for s in samples if s.get("benchmark", "") == b
+                            and isinstance(s.get("num_tokens"), (int, float))]
+               for label, samples in (("base", base), ("final", final)) for b in benches}
+    benches = [b for b in benches if lengths[("base", b)] or lengths[("final", b)]]
+    if not benches:
+        return b""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(benches), figsize=(5.5 * len(benches), 3.2), dpi=100, squeeze=False)
+    for ax, b in zip(axes.flat, benches):
+        everything = lengths[("base", b)] + lengths[("final", b)]
+        lo, hi = min(everything), max(everything)
+        bins = [lo + (hi - lo + 1) * i / 20 for i in range(21)]
+        for label, color in (("base", "#888888"), ("final", "#1f77b4")):
+            if lengths[(label, b)]:
+                ax.hist(lengths[(label, b)], bins=bins, alpha=0.55, color=color, label=f"{label} (n={len(lengths[(label, b)])})")
+        ax.set_title(f"{b}: completion length")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("samples")
+        ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    return _png(fig, plt)
+
+
+def example_pairs(base: list[dict[str, Any]], final: list[dict[str, Any]], n: int = 4) -> list[dict[str, Any]]:
+    """Up to `n` problems with the first sample of each model: problems the final model fixed first, then
+    ones it broke, then the rest (in file order)."""
+    first: dict[str, dict[tuple[str, str], dict[str, Any]]] = {"base": {}, "final": {}}
+    for label, samples in (("base", base), ("final", final)):
+        for s in samples:
+            first[label].setdefault((s.get("benchmark", ""), str(s.get("problem_id"))), s)
+    keys = [k for k in first["final"] if k in first["base"]]
+
+    def outcome(k: tuple[str, str]) -> int:
+        b, f = bool(first["base"][k].get("correct")), bool(first["final"][k].get("correct"))
+        return 0 if f and not b else 1 if b and not f else 2
+
+    seen: dict[tuple[str, int], int] = {}
+    order = {}
+    for k in keys:  # within an outcome the benchmarks take turns, each in file order
+        o = outcome(k)
+        seen[(k[0], o)] = seen.get((k[0], o), -1) + 1
+        order[k] = (o, seen[(k[0], o)])
+    keys.sort(key=order.__getitem__)
+    return [{"benchmark": k[0], "problem_id": k[1], "gold": first["final"][k].get("gold"),
+             "base": first["base"][k], "final": first["final"][k]} for k in keys[:n]]
+
+
+def _answer_cell(s: dict[str, Any], limit: int = 1200) -> str:
+    ok = bool(s.get("correct"))
+    verdict = f"<span class='{'ok' if ok else 'bad'}'>{'correct' if ok else 'wrong'}</span>"
+    extracted = s.get("extracted")
+    text = str(s.get("completion") or "")
+    if len(text) > limit:
+        text = text[:limit] + " [...]"
+    return (f"{verdict}: answer <code>{html.escape(str(extracted if extracted not in (None, '') else '-'))}</code>, "
+            f"{html.escape(str(s.get('num_tokens', '?')))} tokens<pre>{html.escape(text)}</pre>")
+
+
+def examples_html(pairs: list[dict[str, Any]]) -> str:
+    """The example problems as an HTML table; every value from the samples is escaped."""
+    if not pairs:
+        return ""
+    rows = ["<h2>Examples: base vs final</h2>",
+            "<p>The first sample of each model on a few problems (ones the final model fixed first); "
+            "completions are shown as plain text.</p>",
+            "<table class='examples'><tr><th>problem</th><th>gold</th><th>base</th><th>final</th></tr>"]
+    for p in pairs:
+        rows.append(f"<tr><td>{html.escape(p['benchmark'])} <code>{html.escape(p['problem_id'])}</code></td>"
+                    f"<td><code>{html.escape(str(p['gold']))}</code></td>"
+                    f"<td>{_answer_cell(p['base'])}</td><td>{_answer_cell(p['final'])}</td></tr>")
+    rows.append("</table>")
+    return "\n".join(rows)
+
+
+def report_page(md: str, ablation_png: bytes = b"", histories: dict[str, list[dict[str, Any]]] | None = None,
+                base_samples: list[dict[str, Any]] | None = None, final_samples: list[dict[str, Any]] | None = None,
+                examples: int = 4) -> str:
+    """The HTML report: the Markdown report rendered, then the ablation chart, the training curves, the
+    completion-length histograms and the example problems (each only when its inputs exist)."""
+    base_samples, final_samples = base_samples or [], final_samples or []
+    charts = [("pass@1 by stage", ablation_png), ("training curves", training_curves(histories or {})),
+              ("completion length, base vs final", length_histograms(base_samples, final_samples))]
+    charts_html = "".join(f"<h2>{html.escape(alt.capitalize())}</h2>{_img(alt, png)}" for alt, png in charts if png)
+    return to_html(md, sections=[charts_html, examples_html(example_pairs(base_samples, final_samples, examples))])
