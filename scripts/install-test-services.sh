@@ -54,4 +54,4 @@ for b in "${BINS[@]}"; do
 done
 /usr/bin/prometheus --version 2>&1 | head -1
 /usr/bin/prometheus-pushgateway --version 2>&1 | head -1
-/usr/bin/chromium --version 2>&1 | head -1
+/usr/bin/chromium --version 2>/dev/null | head -1  # its wrapper script warns on stderr
