@@ -50,8 +50,9 @@ def as_dict(result: Any) -> dict[str, Any]:
 
 
 def write_summary(summary: Any, metrics: Any, result: Any) -> dict[str, Any]:
+    """The stage's summary artifact (a training stage's log history too: the report's curves read it from
+    here, a few KB, not from the model artifact) and its numbers as KFP metrics."""
     data = as_dict(result)
-    data.pop("history", None)
     Path(summary.path).write_text(json.dumps(data, indent=2, default=str))
     for key, value in data.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
@@ -155,7 +156,7 @@ def publish_component(config: Any, model: Any, results: dict[str, Any], artifact
 
 def report_component(config: Any, results: dict[str, Any], summaries: dict[str, Any], decision: Any,
                      report_md: Any, report_html: Any, ablation_md: Any, ablation_html: Any, metrics: Any,
-                     models: dict[str, Any] | None = None, samples: dict[str, Any] | None = None) -> None:
+                     samples: dict[str, Any] | None = None) -> None:
     from thinkforge.stages.report import (ablation, ablation_html as ab_html, ablation_markdown, ablation_plot,
                                           compare, markdown, report_page)
 
@@ -172,7 +173,7 @@ def report_component(config: Any, results: dict[str, Any], summaries: dict[str, 
     Path(report_md.path).write_text(md)
     ab_png = ablation_plot(table) if table["rows"] else b""
     Path(report_html.path).write_text(report_page(
-        md, ab_png if len(table["rows"]) > 2 else b"", histories=report_histories(models or {}),
+        md, ab_png if len(table["rows"]) > 2 else b"", histories=report_histories(stages),
         base_samples=report_samples((samples or {}).get("base")), final_samples=report_samples((samples or {}).get("final"))))
     ab_md = ablation_markdown(cfg, table)
     Path(ablation_md.path).write_text(ab_md)
@@ -191,15 +192,11 @@ def report_component(config: Any, results: dict[str, Any], summaries: dict[str, 
     print(md)
 
 
-def report_histories(models: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """stage -> the trainer's log history from its model artifact (LOG_HISTORY); stages that are off (no
-    artifact) or whose model holds no history are left out."""
-    out = {}
-    for stage, model in models.items():
-        path = Path(model.path, LOG_HISTORY) if model is not None else None
-        if path is not None and path.is_file():
-            out[stage] = [h for h in json.loads(path.read_text()) if isinstance(h, dict)]
-    return out
+def report_histories(summaries: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """stage -> the trainer's log history from its summary; stages that are off or that hold no history
+    (generate, filter) are left out."""
+    return {stage: [h for h in s["history"] if isinstance(h, dict)]
+            for stage, s in summaries.items() if isinstance(s.get("history"), list) and s["history"]}
 
 
 def report_samples(artifact: Any) -> list[dict[str, Any]]:

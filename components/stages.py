@@ -138,11 +138,10 @@ def report(config: Input[Artifact], report_md: Output[Markdown], report_html: Ou
            filter_summary: Input[Artifact] = None, midtrain_summary: Input[Artifact] = None,
            sft_summary: Input[Artifact] = None, dpo_summary: Input[Artifact] = None,
            rl_summary: Input[Artifact] = None, decision: Input[Artifact] = None,
-           midtrain_model: Input[Model] = None, sft_model: Input[Model] = None, dpo_model: Input[Model] = None,
-           rl_model: Input[Model] = None, base_samples: Input[Dataset] = None, final_samples: Input[Dataset] = None):
+           base_samples: Input[Dataset] = None, final_samples: Input[Dataset] = None):
     """The run report: base vs final on every benchmark, the per-stage ablation table with its plot, the
-    registry's decision, and what each stage did; the HTML page adds the training curves (each trained
-    model's log_history.json), completion-length histograms and example answers (the eval samples)."""
+    registry's decision, and what each stage did; the HTML page adds the training curves (each training
+    stage's log history, in its summary), completion-length histograms and example answers (the eval samples)."""
     from thinkforge.components.common import report_component
 
     report_component(config,
@@ -151,7 +150,6 @@ def report(config: Input[Artifact], report_md: Output[Markdown], report_html: Ou
                      {"generate": generate_summary, "filter": filter_summary, "midtrain": midtrain_summary,
                       "sft": sft_summary, "dpo": dpo_summary, "rl": rl_summary},
                      decision, report_md, report_html, ablation_md, ablation_html, metrics,
-                     models={"midtrain": midtrain_model, "sft": sft_model, "dpo": dpo_model, "rl": rl_model},
                      samples={"base": base_samples, "final": final_samples})
 
 

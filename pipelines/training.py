@@ -73,7 +73,7 @@ def build_pipeline(recipe: Recipe, image: str = ""):
         flt = task(c.filter_rollouts, "filter", "2 filter", config=cfg, rollouts=gen.outputs["rollouts"])
         summaries = {"generate_summary": gen.outputs["summary"], "filter_summary": flt.outputs["summary"]}
         data = {"midtrain": "midtrain_data", "sft": "sft_data", "dpo": "dpo_pairs", "rl": "rl_prompts"}
-        model, results, extra = base, {}, {}  # extra: what only the report reads (curves, samples)
+        model, results, extra = base, {}, {}  # extra: what only the report reads (the eval samples)
         if ev.enabled and (ev.evaluate_base or ev.per_stage):
             ev_base = task(c.evaluate, "evaluate", "7 evaluate base", config=cfg, model=base, label="base")
             results["base_results"] = ev_base.outputs["results"]
@@ -84,7 +84,6 @@ def build_pipeline(recipe: Recipe, image: str = ""):
             t = task(getattr(c, stage), stage, title, config=cfg, model=model, data=flt.outputs[data[stage]])
             model = t.outputs["trained"]
             summaries[f"{stage}_summary"] = t.outputs["summary"]
-            extra[f"{stage}_model"] = model  # its log_history.json: the report's training curves
             if ev.enabled and ev.per_stage and stage in PER_STAGE_TITLES:
                 results[f"{stage}_results"] = task(
                     c.evaluate, "evaluate", f"7 evaluate {PER_STAGE_TITLES[stage]}", config=cfg, model=model,

@@ -1,8 +1,8 @@
 """The HTML report in a real headless browser (Debian's chromium, `bash scripts/install-test-services.sh`).
 
 The report task runs on small synthetic but realistic inputs: eval results scored by the evaluate
-stage's own scoring, samples files as evaluate writes them, and trainer log histories as each trained
-model artifact holds them (log_history.json). Chromium renders the page: the screenshot must be a
+stage's own scoring, samples files as evaluate writes them, and trainer log histories as each training
+stage's summary artifact holds them. Chromium renders the page: the screenshot must be a
 non-blank PNG, and the DOM must show the Markdown rendered (bold as <strong>, tables), every chart
 <img> decoded, the example table, and the untrusted completions as text (no injected elements).
 """
@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from thinkforge.components.common import LOG_HISTORY, report_component
+from thinkforge.components.common import report_component
 from thinkforge.config import Recipe
 from thinkforge.stages.evaluate import score_benchmark
 
@@ -112,22 +112,17 @@ def rendered(tmp_path_factory):
         (tmp / f"results-{label}.json").write_text(json.dumps({"label": label, "benchmarks": benches}))
         results[label] = _art(tmp / f"results-{label}.json")
         samples[label] = _art(folder)
-    models = {}
-    for stage, history in _histories().items():
-        (tmp / f"model-{stage}").mkdir()
-        (tmp / f"model-{stage}" / LOG_HISTORY).write_text(json.dumps(history))
-        models[stage] = _art(tmp / f"model-{stage}")
     summaries = {}
     for stage in ("midtrain", "sft", "dpo", "rl"):
         h = _histories()[stage]
         (tmp / f"summary-{stage}.json").write_text(json.dumps(
             {"steps": len(h), "examples": 64, "metric": "loss", "first": h[0]["loss"], "last": h[-2]["loss"],
-             "seconds": 30.0}))
+             "seconds": 30.0, "history": h}))
         summaries[stage] = _art(tmp / f"summary-{stage}.json")
     summaries.update(generate=None, filter=None)
     outs = {name: _art(tmp / name) for name in ("report.md", "report.html", "ablation.md", "ablation.html")}
     report_component(_art(tmp / "config.json"), results, summaries, None, outs["report.md"], outs["report.html"],
-                     outs["ablation.md"], outs["ablation.html"], _Metrics(), models=models,
+                     outs["ablation.md"], outs["ablation.html"], _Metrics(),
                      samples={"base": samples["base"], "final": samples["final"]})
     page = tmp / "report.html"
     shot = tmp / "report.png"
@@ -205,15 +200,14 @@ def test_examples_side_by_side_with_untrusted_text_escaped(rendered):
     assert "<strong>not bold</strong>" not in dom
 
 
-def test_the_curves_come_from_each_trained_models_log_history(rendered):
+def test_the_curves_come_from_each_training_stages_summary(rendered):
     from thinkforge.stages.report import training_curves
 
     assert training_curves({}) == b""  # no history, no chart
     assert "training curves" in rendered.html
-    # a stage without log_history.json (off, or an older artifact) is left out without error
-    (rendered.tmp / "model-none").mkdir(exist_ok=True)
+    # a stage that is off, or a summary with no history (generate, filter), is left out without error
     from thinkforge.components.common import report_histories
 
-    got = report_histories({"rl": _art(rendered.tmp / "model-rl"), "sft": _art(rendered.tmp / "model-none"),
-                            "dpo": None})
+    rl = json.loads((rendered.tmp / "summary-rl.json").read_text())
+    got = report_histories({"rl": rl, "sft": {"steps": 3}, "dpo": {"skipped": True}, "generate": {"history": []}})
     assert list(got) == ["rl"] and {"reward", "kl", "temperature"} <= set(got["rl"][0])
