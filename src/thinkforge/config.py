@@ -427,6 +427,27 @@ class RegistryConfig(Section):
     margin: float = Field(0.0, ge=0.0, le=1.0, description="Promote only when the candidate beats the champion by "
                           "more than this (absolute; 0.01 = one point).")
     force: bool = Field(False, description="Promote whatever the gate says (a manual override, recorded as such).")
+    mlflow: bool = Field(False, description="Also register each published version in MLflow's model registry (the "
+                         "server of tracking.uri, else MLFLOW_TRACKING_URI) and move its `champion` alias on "
+                         "promotion (thinkforge.external_registries).")
+    mlflow_name: str = Field("", description="MLflow registered model name; empty = the registry name. Setting it "
+                             "turns registry.mlflow on.")
+    kubeflow_url: str = Field("", description="Kubeflow Model Registry server (http://model-registry-service."
+                              "kubeflow:8080) to register each published version in; empty = off. Its token comes "
+                              "from THINKFORGE_MODEL_REGISTRY_TOKEN or the pod's service account, never the recipe.")
+    external_required: bool = Field(False, description="Fail the publish step when an external registry "
+                                    "(registry.mlflow, registry.kubeflow_url) fails; by default the failure is "
+                                    "reported in the decision and thinkforge's own registry stands.")
+
+    @field_validator("kubeflow_url")
+    @classmethod
+    def _kubeflow_url(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        if "@" in v.split("//", 1)[-1].split("/", 1)[0]:
+            raise ValueError("must not hold credentials (the token comes from THINKFORGE_MODEL_REGISTRY_TOKEN "
+                             "or the service account)")
+        return v
 
 
 class TrackingConfig(Section):

@@ -40,4 +40,10 @@ def publish(cfg: Recipe, model_dir: str | os.PathLike[str], results: dict[str, s
 
         # the chart's serving object (THINKFORGE_SERVING_TARGET) moves to the new champion; never raises
         out["serving"] = notify_champion(cfg, out["version"])
+    from thinkforge.external_registries import configured, register_external
+
+    if configured(cfg):
+        # MLflow / Kubeflow Model Registry, after thinkforge's own registry: reported under "external";
+        # raises only with registry.external_required (the module docstring)
+        out["external"] = register_external(cfg, out, backend=backend)
     return out
