@@ -50,8 +50,9 @@ def generate(config: Input[Artifact], rollouts: Output[Dataset], summary: Output
 def filter_rollouts(config: Input[Artifact], rollouts: Input[Dataset], midtrain_data: Output[Dataset],
                     sft_data: Output[Dataset], dpo_pairs: Output[Dataset], rl_prompts: Output[Dataset],
                     verdicts: Output[Dataset], summary: Output[Artifact], metrics: Output[Metrics],
-                    filter_report: Output[HTML]):
-    """Stage 2: keep rollouts whose answer verifies; derive mid-train, SFT, DPO and RL sets."""
+                    filter_report: Output[HTML], hf_datasets: Output[Dataset]):
+    """Stage 2: keep rollouts whose answer verifies; derive mid-train, SFT, DPO and RL sets (and the same
+    SFT, DPO and RL sets in TRL's formats with dataset cards: `hf_datasets`, a folder sft/ dpo/ rl/)."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -65,6 +66,7 @@ def filter_rollouts(config: Input[Artifact], rollouts: Input[Dataset], midtrain_
     for name, art in (("midtrain", midtrain_data), ("sft", sft_data), ("dpo", dpo_pairs),
                       ("rl_prompts", rl_prompts), ("verdicts", verdicts)):
         shutil.move(work / f"{name}.jsonl", art.path)
+    shutil.move(work / "hf", hf_datasets.path)
     Path(filter_report.path).write_text(html_report(result))
     write_summary(summary, metrics, result)
 

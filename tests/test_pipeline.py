@@ -37,7 +37,7 @@ def test_seven_stage_components_with_typed_artifacts(ir):
     assert _artifact_types(comps["comp-filter-rollouts"], "input")["rollouts"] == "system.Dataset"
     flt_out = _artifact_types(comps["comp-filter-rollouts"], "output")
     assert {flt_out[k] for k in ("midtrain_data", "sft_data", "dpo_pairs", "rl_prompts")} == {"system.Dataset"}
-    assert flt_out["filter_report"] == "system.HTML"
+    assert flt_out["filter_report"] == "system.HTML" and flt_out["hf_datasets"] == "system.Dataset"
     for stage in ("midtrain", "sft", "dpo", "rl"):
         ins, outs = _artifact_types(comps[f"comp-{stage}"], "input"), _artifact_types(comps[f"comp-{stage}"], "output")
         assert ins["model"] == "system.Model" and ins["data"] == "system.Dataset"
@@ -160,6 +160,10 @@ def test_smoke_dag_runs_locally_end_to_end(smoke_run):
     assert len(out.splitlines()) < 150, len(out.splitlines())
     log = Path(out.split("every task's output: ")[1].split()[0])
     assert "Got executor_input" in log.read_text() and log.parent == root / "logs"
+    # the filter's data sets in TRL's formats, each with its dataset card, are a KFP artifact of their own
+    [hf] = root.glob("*/filter-rollouts/hf_datasets")
+    assert {p.parent.name for p in hf.glob("*/data.jsonl")} == {"sft", "dpo", "rl"}
+    assert all((p.parent / "README.md").is_file() for p in hf.glob("*/data.jsonl"))
 
 
 @pytest.mark.e2e
