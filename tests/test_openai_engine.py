@@ -598,3 +598,28 @@ def test_generate_and_filter_stages_on_a_real_server(llama_server, tmp_path):
     assert len(sampled) == 8 and all(r["completion"] and r["num_tokens"] > 0 for r in sampled)
     result = filter_rollouts(cfg, tmp_path / "rollouts.jsonl", tmp_path / "filter")
     assert result.kept >= 4 and sum(result.counts.values()) == 12
+
+
+def test_a_tokenizer_named_by_path_is_loaded_once_by_concurrent_requests(monkeypatch):
+    """Request threads needing the completions tokenizer together load it once: two loads at once raced in
+    transformers' lazy imports (seen against a real vLLM server with concurrency 2)."""
+    import thinkforge.models as models
+
+    loads = []
+
+    def slow_load(spec, *a, **kw):
+        loads.append(spec)
+        time.sleep(0.2)  # wide enough for every thread to arrive while the first one loads
+        return object()
+
+    monkeypatch.setattr(models, "load_tokenizer", slow_load)
+    engine = make_engine("openai", "", TemplateConfig(), endpoint="http://127.0.0.1:9/v1", endpoint_model="m",
+                         api="completions", tokenizer="some/tokenizer", concurrency=4, api_key="")
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(engine._get_tokenizer())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.close()
+    assert loads == ["some/tokenizer"] and len(got) == 4 and len({id(g) for g in got}) == 1

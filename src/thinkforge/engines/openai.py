@@ -219,6 +219,7 @@ class OpenAIEngine:
         self.extra_body = dict(extra_body or {})
         self._tokenizer_spec = tokenizer if isinstance(tokenizer, str) else None
         self._tokenizer = None if isinstance(tokenizer, str) else tokenizer
+        self._tokenizer_lock = threading.Lock()  # the request threads load it once, not each at once
         self.__key = read_api_key() if api_key is None else api_key
         if self.__key:
             self._check_key_host(allowed_hosts)
@@ -704,9 +705,13 @@ class OpenAIEngine:
 
     def _get_tokenizer(self) -> Any:
         if self._tokenizer is None and self._tokenizer_spec:
-            from thinkforge.models import load_tokenizer
+            # Request threads ask for it together; two loading at once raced in transformers' lazy imports
+            # ("cannot import name 'AutoTokenizer'"), seen with concurrency 2 against a vLLM server.
+            with self._tokenizer_lock:
+                if self._tokenizer is None:
+                    from thinkforge.models import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self._tokenizer_spec)
+                    self._tokenizer = load_tokenizer(self._tokenizer_spec)
         return self._tokenizer
 
     # -- helpers ----------------------------------------------------------------------------------
