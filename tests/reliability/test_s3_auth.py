@@ -278,8 +278,9 @@ def _checkpoint_dir(root: Path, step: int) -> Path:
 
 def test_checkpoint_save_denied_midway_never_looks_complete(s3_server, object_store, caplog, tmp_path):
     """Step 2 uploads; step 4's optimizer.pt is denied: step 4 stays incomplete, the newest complete
-    checkpoint is still step 2 and that is what a restart restores. In "warn" mode training goes on with
-    an error that names the key and the code."""
+    checkpoint is still step 2 and that is what a restart restores. "warn" mode, which lets training go on
+    past a failed upload, stops at once on this one: a denied write does not recover by retrying
+    (tests/test_checkpoints.py::test_refused_credentials_stop_training_at_once_even_in_warn_mode)."""
     prefix = "runs/r/checkpoints"
     CheckpointSync(object_store, prefix, keep=2, on_error="raise").sync(_checkpoint_dir(tmp_path, 2), 2)
     creds = s3_server.add_user(deny={"s3:PutObject": ["arn:aws:s3:::*/checkpoint-4/optimizer.pt"]})
@@ -301,12 +302,12 @@ def test_checkpoint_save_denied_midway_never_looks_complete(s3_server, object_st
         global_step, is_world_process_zero = 4, True
 
     warn = CheckpointSync(store, prefix, keep=2, on_error="warn")
-    warn.on_save(Args(), State(), None)  # training goes on
-    assert warn.failures == 1
-    errors = [r.getMessage() for r in log.records if r.levelno >= logging.ERROR]
-    assert any("AccessDenied" in m and "checkpoint-4/optimizer.pt" in m for m in errors), errors
+    with pytest.raises(PermissionDenied) as stopped:
+        warn.on_save(Args(), State(), None)
+    assert warn.failures == 1 and "Training stops" in str(stopped.value)
+    assert_names(str(stopped.value), store, f"{prefix}/checkpoint-4/optimizer.pt", "AccessDenied")
     assert latest_complete(object_store, prefix)[0] == 2
-    assert_leaks_none(creds, log, *texts_of(e.value))
+    assert_leaks_none(creds, log, *texts_of(e.value), *texts_of(stopped.value))
 
 
 def test_checkpoint_restore_denied_midway_raises_and_keeps_nothing(s3_server, object_store, caplog, tmp_path):
