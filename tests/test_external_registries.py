@@ -22,37 +22,19 @@ import pytest
 from thinkforge.config import ConfigError, Recipe, validate
 from thinkforge.external_registries import ExternalRegistryError, register_external
 from thinkforge.registry import LocalBackend, Registry, S3Backend
-from thinkforge.stages.evaluate import protocol
 from thinkforge.stages.publish import publish as publish_stage
+from registry_helpers import make_cfg, results, write_model
 
 TOKEN = "tok-s3cr3t-value"
 
 
-def make_cfg(**registry):
-    return Recipe.model_validate({
-        "run": {"name": "ext-test"},
-        "evaluate": {"benchmarks": [{"name": "wp", "source": "builtin:word-problems?split=test", "limit": 4}],
-                     "k": 2, "bootstrap_samples": 200},
-        "registry": registry,
-    })
 
 
-def results(cfg, value):
-    per_problem = {f"p{i}": (1.0 if i < round(4 * value) else 0.0) for i in range(4)}
-    return {"label": "final", "model": "m", "protocol": protocol(cfg),
-            "benchmark_specs": {"wp": {"dataset": "custom", "source": "builtin:word-problems?split=test",
-                                       "answer_type": "math", "k": 2, "limit": 4, "n_problems": 4}},
-            "benchmarks": {"wp": {"n_problems": 4, "k": 2, "pass@1": value, "pass@1_se": 0.1, "cons@2": value,
-                                  "per_problem": per_problem}}}
 
 
 @pytest.fixture
 def model_dir(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text('{"model_type": "llama"}')
-    (d / "model.safetensors").write_bytes(os.urandom(4096))
-    return d
+    return write_model(tmp_path / "model")
 
 
 def publish(cfg, model_dir, tmp_path, value, kfp_run="", backend=None):
@@ -89,7 +71,7 @@ def test_external_registries_are_off_by_default_and_the_url_is_checked_by_field_
 
 
 def test_publish_without_external_registries_has_no_external_key(tmp_path, model_dir, clean_env):
-    out = publish(make_cfg(), model_dir, tmp_path, 0.5)
+    out = publish(make_cfg("ext-test"), model_dir, tmp_path, 0.5)
     assert out["promoted"] and "external" not in out
 
 
@@ -105,7 +87,7 @@ def test_mlflow_registers_each_version_and_the_champion_alias_follows_promotions
     """Against the real MLflow server: the model folder as a run's artifact, a model version per published
     version with the metrics and config digest as tags, the alias `champion` on the promoted one only; a
     retried publish (same KFP run, same model) finds its version by tag instead of registering a twin."""
-    cfg = make_cfg(mlflow=True, mlflow_name="ext-math")
+    cfg = make_cfg("ext-test", mlflow=True, mlflow_name="ext-math")
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": mlflow_server.url})})
     client = mlflow_server.client()
 
@@ -146,7 +128,7 @@ def test_mlflow_registers_each_version_and_the_champion_alias_follows_promotions
 
 def test_an_unreachable_mlflow_is_reported_by_server_and_field_without_credentials(
         tmp_path, model_dir, clean_env, caplog):
-    cfg = make_cfg(mlflow=True)
+    cfg = make_cfg("ext-test", mlflow=True)
     clean_env.setenv("MLFLOW_TRACKING_URI", "http://someone:pw-s3cr3t@127.0.0.1:9")
     with caplog.at_level(logging.INFO):
         out = publish(cfg, model_dir, tmp_path, 0.5)
@@ -156,7 +138,7 @@ def test_an_unreachable_mlflow_is_reported_by_server_and_field_without_credentia
     assert "pw-s3cr3t" not in err["error"] and "pw-s3cr3t" not in caplog.text
 
     clean_env.delenv("MLFLOW_TRACKING_URI")
-    none = publish(make_cfg(mlflow_name="x"), model_dir, tmp_path / "c", 0.5)
+    none = publish(make_cfg("ext-test", mlflow_name="x"), model_dir, tmp_path / "c", 0.5)
     assert none["external"]["mlflow"] == {
         "ok": False, "error": "registry.mlflow: no MLflow server: set tracking.uri or MLFLOW_TRACKING_URI"}
 
@@ -275,7 +257,7 @@ def test_kubeflow_registers_model_version_and_artifact_and_marks_the_version_liv
         kubeflow, tmp_path, model_dir, clean_env, caplog, object_store):
     """thinkforge's registry on S3 (moto on loopback): the artifact's uri is the model folder's S3 prefix."""
     clean_env.setenv("THINKFORGE_MODEL_REGISTRY_TOKEN", TOKEN)
-    cfg = make_cfg(kubeflow_url=kubeflow.url)
+    cfg = make_cfg("ext-test", kubeflow_url=kubeflow.url)
     backend = S3Backend(object_store)
     with caplog.at_level(logging.DEBUG):
         out = publish(cfg, model_dir, tmp_path, 0.5, kfp_run="kfp-1", backend=backend)
@@ -326,7 +308,7 @@ def test_kubeflow_registers_model_version_and_artifact_and_marks_the_version_liv
 
 def test_a_kubeflow_failure_mid_registration_leaves_an_archived_version_that_a_retry_completes(
         kubeflow, tmp_path, model_dir, clean_env):
-    cfg = make_cfg(kubeflow_url=kubeflow.url + "/")
+    cfg = make_cfg("ext-test", kubeflow_url=kubeflow.url + "/")
     kubeflow.fail[("POST", "/model_versions/")] = 500  # the artifact POST
     out = publish(cfg, model_dir, tmp_path, 0.5, kfp_run="kfp-2")
     assert out["published"] and out["promoted"]
@@ -348,7 +330,7 @@ def test_a_kubeflow_failure_mid_registration_leaves_an_archived_version_that_a_r
 
 
 def test_external_required_fails_the_step_naming_server_and_field(kubeflow, tmp_path, model_dir, clean_env):
-    cfg = make_cfg(kubeflow_url=kubeflow.url, external_required=True)
+    cfg = make_cfg("ext-test", kubeflow_url=kubeflow.url, external_required=True)
     kubeflow.fail[("GET", "/registered_model")] = 503
     with pytest.raises(ExternalRegistryError) as e:
         publish(cfg, model_dir, tmp_path, 0.5)
@@ -358,7 +340,7 @@ def test_external_required_fails_the_step_naming_server_and_field(kubeflow, tmp_
     reg = Registry.for_recipe(cfg, LocalBackend(tmp_path / "registry"))
     assert len(reg.versions()) == 1 and reg.champion()[0] is not None  # thinkforge's own publish stands
 
-    older = make_cfg(kubeflow_url=kubeflow.url + "/api/model_registry/v1alpha3")
+    older = make_cfg("ext-test", kubeflow_url=kubeflow.url + "/api/model_registry/v1alpha3")
     kubeflow.requests.clear()
     publish(older, model_dir, tmp_path / "older", 0.5)
     assert kubeflow.requests[0][1] == "/api/model_registry/v1alpha3/registered_model"

@@ -7,38 +7,19 @@ import threading
 
 import pytest
 
-from thinkforge.config import Recipe
 from thinkforge.registry import (CHAMPION, ENTRY_MANIFEST, LocalBackend, Registry, S3Backend, publish,
                                  sha256_file)
-from thinkforge.stages.evaluate import protocol
 from thinkforge.stages.publish import publish as publish_stage
+from registry_helpers import make_cfg, results, write_model
 
 
-def make_cfg(**registry):
-    return Recipe.model_validate({
-        "run": {"name": "reg-test"},
-        "evaluate": {"benchmarks": [{"name": "wp", "source": "builtin:word-problems?split=test", "limit": 4}],
-                     "k": 2, "bootstrap_samples": 200},
-        "registry": registry,
-    })
 
 
-def results(cfg, value, label="final", **proto):
-    per_problem = {f"p{i}": (1.0 if i < round(4 * value) else 0.0) for i in range(4)}
-    return {"label": label, "model": "m", "protocol": {**protocol(cfg), **proto},
-            "benchmark_specs": {"wp": {"dataset": "custom", "source": "builtin:word-problems?split=test",
-                                       "answer_type": "math", "k": 2, "limit": 4, "n_problems": 4}},
-            "benchmarks": {"wp": {"n_problems": 4, "k": 2, "pass@1": value, "pass@1_se": 0.1, "cons@2": value,
-                                  "per_problem": per_problem}}}
 
 
 @pytest.fixture
 def model_dir(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text('{"model_type": "llama"}')
-    (d / "model.safetensors").write_bytes(os.urandom(4096))
-    return d
+    return write_model(tmp_path / "model")
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -8,36 +8,18 @@ import threading
 import pytest
 
 from thinkforge.cli import main as cli
-from thinkforge.config import Recipe
 from thinkforge.registry import (CHAMPION, ChampionMoved, LocalBackend, Registry, RegistryError, S3Backend,
                                  open_registry, promote_version, publish, rollback)
-from thinkforge.stages.evaluate import protocol
+from registry_helpers import make_cfg, results, write_model
 
 
-def make_cfg(**registry):
-    return Recipe.model_validate({
-        "run": {"name": "reg-test"},
-        "evaluate": {"benchmarks": [{"name": "wp", "source": "builtin:word-problems?split=test", "limit": 4}],
-                     "k": 2, "bootstrap_samples": 200},
-        "registry": registry,
-    })
 
 
-def results(cfg, value):
-    return {"label": "final", "model": "m", "protocol": protocol(cfg),
-            "benchmark_specs": {"wp": {"dataset": "custom", "source": "builtin:word-problems?split=test",
-                                       "answer_type": "math", "k": 2, "limit": 4, "n_problems": 4}},
-            "benchmarks": {"wp": {"n_problems": 4, "k": 2, "pass@1": value, "pass@1_se": 0.1, "cons@2": value,
-                                  "per_problem": {f"p{i}": float(i < round(4 * value)) for i in range(4)}}}}
 
 
 @pytest.fixture
 def model_dir(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text('{"model_type": "llama"}')
-    (d / "model.safetensors").write_bytes(bytes(range(256)) * 16)
-    return d
+    return write_model(tmp_path / "model", bytes(range(256)) * 16)
 
 
 @pytest.fixture(params=["local", "s3"])

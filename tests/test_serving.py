@@ -158,8 +158,9 @@ def test_the_pipeline_tells_only_the_publish_step_what_serves(vllm_docs, tmp_pat
 
 def test_a_promotion_moves_serving_and_a_non_promotion_does_not(tmp_path, monkeypatch):
     """The publish step calls notify_champion with the new champion when, and only when, it promoted."""
+    from registry_helpers import make_cfg, results, write_model
+
     from thinkforge.stages import publish as publish_mod
-    from thinkforge.stages.evaluate import protocol
 
     calls = []
     monkeypatch.setattr(serving, "patch_serving", lambda api, kind, name, ns, version, uri: calls.append(
@@ -167,31 +168,18 @@ def test_a_promotion_moves_serving_and_a_non_promotion_does_not(tmp_path, monkey
     monkeypatch.setattr(serving, "_api_client", lambda: None)
     monkeypatch.setenv("THINKFORGE_SERVING_TARGET", f"deployment/{NAME}")
     monkeypatch.setenv("THINKFORGE_SERVING_NAMESPACE", NAMESPACE)
-    cfg = _recipe().model_copy(update={"run": _recipe().run.model_copy(update={"name": "serve-test"})})
-    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={
-        "benchmarks": [{"name": "wp", "source": "builtin:word-problems?split=test", "limit": 4}], "k": 2})})
-    cfg = type(cfg).model_validate(cfg.model_dump())
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text('{"model_type": "llama"}')
-    (model / "model.safetensors").write_bytes(b"\0" * 4096)
-
-    def results(value):
-        path = tmp_path / f"results-{value}.json"
-        path.write_text(json.dumps({
-            "label": "final", "model": "m", "protocol": protocol(cfg),
-            "benchmark_specs": {"wp": {"dataset": "custom", "source": "builtin:word-problems?split=test",
-                                       "answer_type": "math", "k": 2, "limit": 4, "n_problems": 4}},
-            "benchmarks": {"wp": {"n_problems": 4, "k": 2, "pass@1": value, "pass@1_se": 0.1, "cons@2": value,
-                                  "per_problem": {f"p{i}": float(i < round(4 * value)) for i in range(4)}}}}))
-        return path
-
+    cfg = make_cfg("serve-test", name="phi4-math")
     backend = LocalBackend(tmp_path / "registry")
-    first = publish_mod.publish(cfg, model, {"final": results(0.5)}, backend=backend)
+
+    def publish(value, weights):
+        path = tmp_path / f"results-{value}.json"
+        path.write_text(json.dumps(results(cfg, value)))
+        return publish_mod.publish(cfg, write_model(tmp_path / "model", weights), {"final": path}, backend=backend)
+
+    first = publish(0.5, b"\0" * 4096)
     assert first["promoted"] and first["serving"]["notified"] is True
     assert calls == [("deployment", NAME, NAMESPACE, first["version"])]
-    (model / "model.safetensors").write_bytes(b"\1" * 4096)
-    second = publish_mod.publish(cfg, model, {"final": results(0.25)}, backend=backend)
+    second = publish(0.25, b"\1" * 4096)
     assert not second["promoted"] and "serving" not in second and len(calls) == 1
 
 
