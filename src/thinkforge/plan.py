@@ -295,6 +295,15 @@ def _field(recipe: Recipe, stage: str, name: str) -> str:
     return f"cluster.defaults.{name}"
 
 
+def _engine_uses_its_gpus(recipe: Recipe, stage: str, engine: str, tensor_parallel: int, gpus: int,
+                          errors: list[str]) -> None:
+    """A sampling engine uses tensor_parallel_size GPUs (vllm) or one (hf): booking another count wastes them."""
+    want = tensor_parallel if engine == "vllm" else 1
+    if gpus != want:
+        errors.append(f"{_field(recipe, stage, 'gpus')}: {gpus} GPUs booked, but {stage}.engine {engine} uses "
+                      f"{want} ({stage}.tensor_parallel_size): make them equal")
+
+
 def _accelerator(recipe: Recipe, stage: str, a: Assumptions, errors: list[str]) -> tuple[str, float, float]:
     product = a.gpu_product or recipe.cluster.placement(stage).node_selector.get(PRODUCT_LABEL, "")
     if product in GPUS:
@@ -373,10 +382,7 @@ def make_plan(recipe: Recipe, source: str = "recipe", assumptions: Assumptions |
             sp.where, sp.gpus, sp.precision = "gpu", pg.gpus, g.dtype
             product, mem, peak = _accelerator(recipe, "generate", a, errors)
             sp.gpu_gib = mem
-            want = g.tensor_parallel_size if g.engine == "vllm" else 1
-            if pg.gpus != want:
-                errors.append(f"{_field(recipe, 'generate', 'gpus')}: {pg.gpus} GPUs booked, but generate.engine "
-                              f"{g.engine} uses {want} (generate.tensor_parallel_size): make them equal")
+            _engine_uses_its_gpus(recipe, "generate", g.engine, g.tensor_parallel_size, pg.gpus, errors)
             if tm:
                 sp.gpu_hours = hours(2 * tm["params"] * (gen_tokens + n_prompts * PROMPT_TOKENS), peak)
                 if g.engine == "vllm":
@@ -564,10 +570,7 @@ def make_plan(recipe: Recipe, source: str = "recipe", assumptions: Assumptions |
             s.where = "gpu"
             product, gmem, peak = _accelerator(recipe, "evaluate", a, errors)
             s.gpu_gib = gmem
-            want = e.tensor_parallel_size if e.engine == "vllm" else 1
-            if pe.gpus != want:
-                errors.append(f"{_field(recipe, 'evaluate', 'gpus')}: {pe.gpus} GPUs booked, but evaluate.engine "
-                              f"{e.engine} uses {want} (evaluate.tensor_parallel_size): make them equal")
+            _engine_uses_its_gpus(recipe, "evaluate", e.engine, e.tensor_parallel_size, pe.gpus, errors)
             if m:
                 s.gpu_hours = hours(2 * P * ev_tokens, peak)
                 if e.engine == "vllm" and gmem:
