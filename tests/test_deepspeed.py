@@ -98,9 +98,13 @@ def test_worker_leaves_the_process_group(recipe, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
-def test_zero2_with_two_cpu_processes(recipe, tmp_path):
-    """The SFT stage under `accelerate launch --num_processes 2 --use_deepspeed` with ZeRO-2: both
-    processes train on their own half of each global batch and rank 0 writes the model."""
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_zero_with_two_cpu_processes(recipe, tmp_path, zero):
+    """The SFT stage under `accelerate launch --num_processes 2 --use_deepspeed` with ZeRO-2 and ZeRO-3:
+    both processes train on their own half of each global batch and rank 0 writes the model (under ZeRO-3
+    gathered from both ranks' shards: stage3_gather_16bit_weights_on_model_save)."""
+    import torch
+
     from thinkforge.models import load_model
     from thinkforge.records import write_jsonl
     from thinkforge.sources import load_problems
@@ -108,7 +112,7 @@ def test_zero2_with_two_cpu_processes(recipe, tmp_path):
     from tiny_models import tiny_model_dir, word_problem_texts
 
     problems = load_problems("builtin:word-problems?split=train&n=32&solutions=1")
-    cfg = load_recipe(recipe, {"sft.num_processes": 2, "sft.deepspeed": "zero2", "sft.max_steps": 4,
+    cfg = load_recipe(recipe, {"sft.num_processes": 2, "sft.deepspeed": zero, "sft.max_steps": 4,
                                "sft.batch_size": 2, "sft.learning_rate": 3e-3, "sft.lr_scheduler": "constant"})
     model = tiny_model_dir(tmp_path / "tiny", word_problem_texts(problems, system_message(cfg.template)),
                            vocab_size=600)
@@ -121,7 +125,10 @@ def test_zero2_with_two_cpu_processes(recipe, tmp_path):
     # (Two processes that each read every example, as when accelerate sees one process, would show 0.25.)
     epochs = [h["epoch"] for h in r.history if "loss" in h]
     assert epochs[-1] == pytest.approx(0.5)
-    assert load_model(tmp_path / "out") is not None
+    # the whole model was written (ZeRO-3: gathered from both ranks' shards), and it is the trained one
+    saved, start = load_model(tmp_path / "out"), load_model(model)
+    assert [p.shape for p in saved.parameters()] == [p.shape for p in start.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(saved.parameters(), start.parameters()))
 
 
 # ------------------------------------------------------------------------------- the GPU smoke script
