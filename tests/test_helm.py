@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from chart_helpers import deep_merge, set_flags
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (the Helm v4 library) is not installed")
 kv = pytest.importorskip("kubernetes_validate")
@@ -59,13 +60,6 @@ DUMMY = {
     "teacher": "TEACHERKEY-93be11-dummy",
     "hf": "hf_DUMMYTOKEN0c7d55",
 }
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +287,7 @@ def test_schedule_switch_creates_the_recurring_run_container(rendered):
     assert args[args.index("--service-account") + 1] == "default-editor"
     assert args[args.index("--user-namespace") + 1] == NAMESPACE
     assert args[args.index("--version") + 1] == "weekly-1"
-    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    sets = set_flags(args)
     assert "sft.learning_rate=2e-5" in sets and "run.name=weekly" in sets
     # the inline recipe comes from a ConfigMap mounted where --recipe points
     assert args[args.index("--recipe") + 1] == "/etc/thinkforge/recipe.yaml"

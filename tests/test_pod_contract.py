@@ -25,6 +25,7 @@ import yaml
 from podrunner import PodFailed, PodRunner
 from thinkforge.config import load_recipe, parse_set_flags
 from thinkforge.pipelines.training import compile_pipeline
+from chart_helpers import upload_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "thinkforge"
@@ -52,16 +53,6 @@ def chart_secrets(docs: list[dict]) -> dict[str, dict[str, str]]:
             data.update(d.get("stringData") or {})
             out[d["metadata"]["name"]] = data
     return out
-
-
-def upload_sets(docs: list[dict]) -> list[str]:
-    """The `--set` arguments the chart's upload Job compiles the pipeline with."""
-    job = next(d for d in docs if d.get("kind") == "Job" and "upload" in d["metadata"]["name"])
-    c = job["spec"]["template"]["spec"]["containers"][0]
-    argv = [*c.get("command", []), *c.get("args", [])]
-    text = " ".join(argv)
-    args = argv if "upload" in argv else text.split()
-    return [args[i + 1] for i, a in enumerate(args) if a == "--set"]
 
 
 def pipeline_root(docs: list[dict]) -> str:

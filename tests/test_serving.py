@@ -44,6 +44,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from thinkforge import serving  # noqa: E402
 from thinkforge.registry import LocalBackend, RegistryError  # noqa: E402
+from chart_helpers import deep_merge, upload_sets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "thinkforge"
@@ -55,13 +56,6 @@ VERSION = "20260101T000000Z-abcd1234-0123456789ab"
 VLLM = {"serving": {"enabled": True, "model": "phi4-math"}}
 KSERVE = {"serving": {"enabled": True, "mode": "kserve", "model": "phi4-math", "champion": VERSION},
           "minio": {"auth": {"rootPassword": "MINIOPW-serving-dummy"}}}
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +103,6 @@ def test_default_off_renders_nothing_new(default_docs, vllm_docs, kserve_docs):
     assert {key(d) for d in kserve_docs} - base == {("InferenceService", NAME), ("ServiceAccount", NAME),
                                                    ("Secret", f"{NAME}-s3"), ("Role", NAME), ("RoleBinding", NAME)}
 
-def _upload_sets(docs: list[dict]) -> list[str]:
-    job = next(d for d in docs if d["kind"] == "Job" and "upload" in d["metadata"]["name"])
-    c = job["spec"]["template"]["spec"]["containers"][0]
-    args = [*c.get("command", []), *c.get("args", [])]
-    return [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-
 
 def test_serving_changes_nothing_else(chart):
     """Serving on adds objects and changes none the chart already rendered (a fixed MinIO password:
@@ -127,11 +115,11 @@ def test_serving_changes_nothing_else(chart):
             if key(d) not in old:
                 continue
             if d["kind"] == "Job" and "upload" in d["metadata"]["name"]:
-                assert sorted(_upload_sets([d])) == sorted([*_upload_sets([old[key(d)]]),
-                                                            f"cluster.serving_target={target}"])
+                assert sorted(upload_sets([d])) == sorted([*upload_sets([old[key(d)]]),
+                                                           f"cluster.serving_target={target}"])
             else:
                 assert d == old[key(d)], key(d)
-    assert not [s for s in _upload_sets(list(old.values())) if s.startswith("cluster.serving_target")]
+    assert not [s for s in upload_sets(list(old.values())) if s.startswith("cluster.serving_target")]
 
 
 def test_the_pipeline_tells_only_the_publish_step_what_serves(vllm_docs, tmp_path):
@@ -140,7 +128,7 @@ def test_the_pipeline_tells_only_the_publish_step_what_serves(vllm_docs, tmp_pat
     from thinkforge.config import load_recipe, parse_set_flags
     from thinkforge.pipelines.training import compile_pipeline
 
-    sets = [s for s in _upload_sets(vllm_docs) if s.startswith("cluster.")]
+    sets = [s for s in upload_sets(vllm_docs) if s.startswith("cluster.")]
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml", parse_set_flags(sets))
     assert recipe.cluster.serving_target == f"deployment/{NAME}"
     _, platform = yaml.safe_load_all(compile_pipeline(recipe, tmp_path / "p.yaml", image="t:1").read_text())

@@ -35,6 +35,7 @@ from reliability_helpers import ROOT
 from thinkforge.config import ConfigError, TemplateConfig, key_allowed, load_recipe, teacher_host
 from thinkforge.engines.base import SamplingParams
 from thinkforge.engines.openai import ENV_API_KEY, ENV_API_KEY_FILE, ENV_KEY_HOSTS, EngineError, OpenAIEngine
+from chart_helpers import set_flags
 
 KEY = "sk-teacherkey-allowlist-7c41e9"
 ANSWER = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "\\boxed{4}"}, "finish_reason": "stop"}],
@@ -288,18 +289,14 @@ def _upload_args(values: dict[str, Any]) -> list[str]:
     return upload["args"]
 
 
-def _sets(args: list[str]) -> list[str]:
-    return [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-
-
 def test_chart_allowlist_reaches_the_compiled_pipeline(tmp_path):
     from thinkforge.config import parse_set_flags
 
-    assert not [s for s in _sets(_upload_args({})) if "teacher_hosts" in s]  # no teacher, no list: the recipe's own
+    assert not [s for s in set_flags(_upload_args({})) if "teacher_hosts" in s]  # no teacher, no list: the recipe's own
     teacher = "http://tf-thinkforge-teacher.ml-team.svc:8000"
-    assert f'cluster.teacher_hosts=["{teacher}"]' in _sets(_upload_args({"teacher": {"enabled": True}}))
+    assert f'cluster.teacher_hosts=["{teacher}"]' in set_flags(_upload_args({"teacher": {"enabled": True}}))
     args = _upload_args({"teacher": {"enabled": True, "allowedHosts": ["api.deepseek.com"]}})
-    sets = _sets(args)
+    sets = set_flags(args)
     assert f'cluster.teacher_hosts=["{teacher}","api.deepseek.com"]' in sets
     # the upload Job's own arguments compile into a pipeline whose generate pod carries the list
     recipe = load_recipe(ROOT / args[args.index("--recipe") + 1].removeprefix("/app/"), parse_set_flags(sets))
