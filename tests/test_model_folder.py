@@ -102,9 +102,7 @@ def test_generation_config_carries_the_evaluation_protocol_and_the_end_of_turn(t
 
 @pytest.fixture(scope="module")
 def s3_env(s3_server):
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in s3_server.env().items():
-            mp.setenv(key, value)
+    with s3_server.environment():
         yield
 
 

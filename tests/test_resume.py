@@ -90,9 +90,7 @@ def setup(tmp_path_factory, s3_server, s3_env, request):
 @pytest.fixture(scope="module", autouse=True)
 def s3_env(s3_server):
     """THINKFORGE_S3_* credentials for the stages run in this process (module scope: the reference too)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in s3_server.env().items():
-            mp.setenv(key, value)
+    with s3_server.environment():
         yield
 
 

@@ -80,11 +80,7 @@ if os.environ.get("TF_TEST_HOLD_AT"):
 
 @pytest.fixture(scope="module", autouse=True)
 def s3_env(s3_server):
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in s3_server.env().items():
-            mp.setenv(key, value)
-        mp.setenv("OMP_NUM_THREADS", "1")
-        mp.setenv("TRANSFORMERS_VERBOSITY", "error")
+    with s3_server.environment(OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error"):
         yield
 
 

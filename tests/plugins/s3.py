@@ -43,6 +43,7 @@ once a given number of request bytes has passed (a server that dies mid-upload).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -126,6 +127,15 @@ class S3Server:
             "THINKFORGE_S3_ACCESS_KEY": self.access_key,
             "THINKFORGE_S3_SECRET_KEY": self.secret_key,
         }
+
+    @contextlib.contextmanager
+    def environment(self, **extra: str) -> Iterator[None]:
+        """This server's env() (and `extra`) set in os.environ for a block, then restored: for a module
+        fixture whose stages run in the test process and reach the server through from_config."""
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in {**self.env(), **extra}.items():
+                mp.setenv(key, value)
+            yield
 
     def storage_config(self, bucket: str | None = None, prefix: str = "runs") -> Any:
         from thinkforge.config import StorageConfig
