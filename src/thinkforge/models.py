@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from typing import Any
 CACHE = Path(os.environ.get("THINKFORGE_CACHE", Path.home() / ".cache" / "thinkforge"))
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 POINTER = "thinkforge-model.json"  # a model artifact that forwards to another (a skipped stage)
+log = logging.getLogger("thinkforge.models")
 
 RANDOM_SIZES = {
     "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -349,15 +351,10 @@ def finalize_model_dir(out_dir: str | Path, cfg: Any, tokenizer: Any = None) -> 
         try:
             tokenizer = load_tokenizer(out, getattr(cfg.model, "trust_remote_code", False))
         except Exception as e:  # noqa: BLE001 - the generation config is still written, without stop tokens
-            import logging
-
-            logging.getLogger("thinkforge.models").warning("%s: tokenizer does not load (%s); "
-                                                           "generation_config.json without its stop tokens", out, e)
+            log.warning("%s: tokenizer does not load (%s); generation_config.json without its stop tokens", out, e)
     removed = clean_model_dir(out)
     if removed:
-        import logging
-
-        logging.getLogger("thinkforge.models").info("%s: removed what is not the model: %s", out, ", ".join(removed))
+        log.info("%s: removed what is not the model: %s", out, ", ".join(removed))
     write_generation_config(out, cfg, tokenizer)
     if tokenizer is not None:
         write_chat_template(out, cfg, tokenizer)

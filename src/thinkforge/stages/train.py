@@ -403,7 +403,7 @@ def finish(trainer: Any, tokenizer: Any, out_dir: str | Path, examples: int, sta
     ``training_args.bin`` and any pickle are removed once the weights are written; its
     ``generation_config.json`` carries the recipe's evaluation protocol and its chat template the
     recipe's system message."""
-    from thinkforge.models import clean_model_dir, finalize_model_dir
+    from thinkforge.models import finalize_model_dir
 
     history = [h for h in trainer.state.log_history if "loss" in h or metric in h]
     values = [h[metric] for h in history if metric in h and h[metric] is not None]
@@ -415,11 +415,9 @@ def finish(trainer: Any, tokenizer: Any, out_dir: str | Path, examples: int, sta
         trainer.save_model(str(out_dir))
         if trainer.accelerator.is_main_process:
             tokenizer.save_pretrained(out_dir)
-            finalize_model_dir(out_dir, cfg, tokenizer)
-            clean_model_dir(out_dir)
+            finalize_model_dir(out_dir, cfg, tokenizer)  # it removes the Trainer's leftovers too
     else:
         save_model(trainer.model, tokenizer, out_dir, cfg=cfg)
-        clean_model_dir(out_dir)
     return TrainResult(
         steps=trainer.state.global_step,
         examples=examples,
