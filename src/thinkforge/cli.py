@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from thinkforge.cluster import ClusterError, add_cli, require_digest_default
 from thinkforge.config import ConfigError, Recipe, load_recipe, parse_set_flags
 from thinkforge.records import EmptyDataError, RecordError
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")  # KFP colours its failure line; the message should be plain text
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -324,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"thinkforge: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a failed KFP task: its own log above says why
+        from thinkforge.local_run import ANSI  # KFP colours its failure line; the message is plain text
+
         print(f"thinkforge: error: {ANSI.sub('', str(e))}", file=sys.stderr)
         return 1
 
