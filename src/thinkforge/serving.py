@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from thinkforge.registry import CHAMPION, LocalBackend, Registry, RegistryError, S3Backend
+from thinkforge.registry import CHAMPION, LocalBackend, Registry, RegistryError, S3Backend, fetch_version
 
 log = logging.getLogger("thinkforge.serving")
 
@@ -79,9 +79,8 @@ def fetch_champion(dest: str | os.PathLike[str], *, model: str, prefix: str = "r
     if champ is None or not champ.get("version"):
         raise RegistryError(f"{reg.uri(reg.key(CHAMPION))}: no champion yet (nothing promoted under {model!r})")
     version = str(champ["version"])
-    if reg.manifest(version) is None:
-        raise RegistryError(f"{reg.uri(reg.entry(version))}: champion.json names an incomplete entry")
-    path = reg.fetch_model(dest, version)  # every file checked against the model folder's manifest
+    # the same download as `thinkforge registry fetch`: a complete version only, every file checked
+    path = fetch_version(reg, version, dest)
     Path(f"{path}.champion.json").write_text(json.dumps(champ, indent=2, sort_keys=True))
     log.info("fetched champion %s of %s into %s", version, model, path)
     return {**champ, "path": str(path)}
