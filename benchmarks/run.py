@@ -22,6 +22,8 @@ SUITE = [
     ("bench_verifier.py", "pool_answers_per_s", "sequential_answers_per_s", "answers/s", False, ">= 1.7x on 2 cores"),
     ("bench_generation.py", "batched_tokens_per_s", "batch1_tokens_per_s", "output tokens/s", False,
      "batched well above batch 1"),
+    ("bench_sampling.py", "sampler_tokens_per_s", "generate_tokens_per_s", "output tokens/s", False,
+     "HF engine's sampler >= 2x transformers' generate"),
     ("bench_storage.py", "upload_MBps", "upload_raw_MBps", "MB/s upload", False, ">= 0.9x raw client"),
     ("bench_storage.py", "download_MBps", "download_raw_MBps", "MB/s download", False, ">= 0.9x raw client"),
     ("bench_orchestration.py", "kfp_local_s", "direct_s", "s, smoke DAG", True, "overhead per task reported"),

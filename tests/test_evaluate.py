@@ -14,9 +14,11 @@ from thinkforge.config import Benchmark, Recipe, load_recipe
 from thinkforge.engines import Completion
 from thinkforge.evalsets import CATALOG, load_benchmark, parse_integer, resolve_k, shuffled_order
 from thinkforge.records import RecordError, read_jsonl
+from thinkforge.scoring import metrics_only
 from thinkforge.stages import evaluate as evaluate_mod
 from thinkforge.stages.evaluate import evaluate, integer_verdict, score_benchmark
-from thinkforge.stages.report import ablation, ablation_html, ablation_markdown, ablation_plot, compare, markdown
+from thinkforge.stages.report import (ablation, ablation_html, ablation_lines, ablation_markdown, ablation_plot,
+                                      compare, markdown)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,6 +109,7 @@ def test_score_cli_is_the_evaluate_stage(math500_run, tmp_path, capsys):
     for name in ("math500", "math500-shuffled"):
         stage = score_benchmark([s for s in verified if s["benchmark"] == name], [1])
         stage.pop("per_problem")
+        stage.pop("per_problem_by_reading")
         assert scored[name] == stage
 
 
@@ -134,7 +137,7 @@ def test_aime_answers_compare_as_integers(shared_data, tmp_path):
     assert m["correct_by_rule"] == {"answer_is": 30, "boxed": 30}
     js = tmp_path / "cli.json"
     assert cli_main(["score", str(tmp_path / "eval" / "samples-aime24.jsonl"), "--k", "1,2,4", "--json", str(js)]) == 0
-    assert json.loads(js.read_text())["aime24"] == {k: v for k, v in m.items() if k != "per_problem"}
+    assert json.loads(js.read_text())["aime24"] == {k: v for k, v in m.items() if not k.startswith("per_problem")}
 
 
 @pytest.mark.parametrize("text, value", [("204", 204), ("033", 33), ("27.0", 27), ("1,000", 1000), ("$-5$", -5),
@@ -350,6 +353,28 @@ def test_ablation_table_markdown_html_and_plot():
     assert "data:image/png;base64," in page and "<table>" in page
 
 
+def test_ablation_rows_carry_the_paired_step_from_the_row_above_and_the_boxed_reading():
+    cfg = recipe([{"name": "toy", "source": "x"}])
+
+    def res(label, per, boxed):
+        return {"label": label, "benchmarks": {"toy": {
+            "pass@1": sum(per) / len(per), "pass@1_se": 0.1, "k": 4, "n_problems": len(per),
+            "per_problem": {f"p{i}": v for i, v in enumerate(per)}, "readings": {"strict": boxed, "boxed": boxed}}}}
+
+    table = ablation(cfg, {"base": res("base", [0.0, 0.25, 0.0, 0.5], 0.0),
+                           "midtrain": res("midtrain", [0.5, 0.5, 0.25, 0.75], 0.4),
+                           "sft": {"label": "sft", "skipped": True, "reason": "sft stage off"},
+                           "dpo": res("dpo", [0.5, 0.5, 0.25, 0.75], 0.5),
+                           "final": res("final", [1.0, 0.75, 0.5, 1.0], 0.75)})
+    steps = [r["benchmarks"]["toy"].get("vs_previous") for r in table["rows"]]
+    assert steps[0] is None  # the base row has nothing above it
+    assert [round(s["delta"], 4) for s in steps[1:]] == [0.3125, 0.0, 0.3125]  # +DPO against +mid-train (SFT off)
+    assert steps[3]["ci_low"] > 0 and steps[2]["ci_low"] == steps[2]["ci_high"] == 0
+    md = "\n".join(ablation_lines(table))
+    assert "| model | toy pass@1 | toy change [95% CI] | toy boxed only |" in md
+    assert "| +mid-train | 50.0 ± 10.0 | +31.2 [" in md and "| base | 18.8 ± 10.0 | - | 0.0 |" in md
+
+
 def test_report_states_what_strict_extraction_would_read(tmp_path):
     """The fallback report's strict line equals a real strict-mode evaluation of the same completions."""
     src = tmp_path / "p.jsonl"
@@ -370,4 +395,20 @@ def test_report_states_what_strict_extraction_would_read(tmp_path):
     cfg = recipe([{"name": "toy", "source": str(src)}], k=4, pass_k=[1], extraction="fallback")
     md = markdown(cfg, compare(cfg, scores["fallback"], scores["fallback"]), {})
     assert "correct answers by rule: base answer_is 6, boxed 6, last_number 6; final answer_is 6" in md
-    assert "under strict extraction (no last-number fallback) pass@1 would read base 50.0, final 50.0" in md
+    # the stricter readings of the fallback verdicts are what a strict evaluation of the same text reads
+    assert fb["readings"] == {"strict": st["pass@1"], "boxed": 0.25}
+    assert st["readings"] == {"strict": 0.5, "boxed": 0.25}
+    assert "pass@1 by how answers are read (a stricter reading counts fewer answers): strict 50.0 -> 50.0 " \
+           "(+0.0 [+0.0, +0.0]); boxed 25.0 -> 25.0 (+0.0 [+0.0, +0.0])" in md
+    assert "per_problem_by_reading" not in metrics_only(scores["fallback"])["toy"]  # cards, manifests
+
+
+def test_stage_rows_show_the_first_and_last_quarter_of_a_noisy_curve():
+    cfg = recipe([{"name": "toy", "source": "x"}])
+    rewards = [-1.0, 0.0, -0.5, 0.5, 0.25, 1.0, 0.5, 1.0]
+    history = [{"reward": r, "step": i + 1} for i, r in enumerate(rewards)] + [{"train_runtime": 9.0, "step": 8}]
+    rl_summary = {"steps": 8, "examples": 16, "metric": "reward", "first": -1.0, "last": 1.0, "seconds": 9.0,
+                  "history": history}
+    md = markdown(cfg, [], {"rl": rl_summary})
+    assert "| rl | 8 steps on 16 examples, reward -1.000 -> 1.000 (mean of the first 2 steps -0.500, " \
+           "of the last 2 0.750), 9s |" in md

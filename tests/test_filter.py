@@ -323,3 +323,16 @@ def test_no_dpo_pairs_fails_in_the_filter_with_the_reasons(tmp_path):
         filter_rollouts(cfg, src, tmp_path / "out")
     off = cfg.model_copy(update={"dpo": cfg.dpo.model_copy(update={"enabled": False})})
     assert filter_rollouts(off, src, tmp_path / "out2").dpo_pairs == 0
+
+
+def test_strict_filter_keeps_stated_answers_only(tmp_path):
+    """filter.extraction=strict (the cpu-demo's): a bare trailing number is not a verified final answer."""
+    q = "A farmer has 9 cows and sells 2 of them on a rainy Monday. How many cows does the farmer keep?"
+    rows = [ro("cows", q, "7", 0, think("9 - 2 = 7", "7"), 10),
+            ro("cows", q, "7", 1, "<think>\n9 - 2\n</think>\n\nThe farmer keeps 9 - 2 = 7", 12)]
+    reasons = {}
+    for mode in ("fallback", "strict"):
+        (tmp_path / mode).mkdir()
+        _small_filter(tmp_path / mode, rows, dpo=False, extraction=mode)
+        reasons[mode] = [v["reason"] for v in read_jsonl(tmp_path / mode / "out" / "verdicts.jsonl")]
+    assert reasons == {"fallback": ["correct", "correct"], "strict": ["correct", "no_answer"]}

@@ -1,4 +1,4 @@
-"""GRPO with the paper's stabilizers, on the real TRL GRPOTrainer (CPU, HF generation).
+"""GRPO with the paper's stabilizers, on the real TRL GRPOTrainer (CPU; rollouts through thinkforge's sampler).
 
 A random model earns no reward, so the RL runs here use a task that can be learned in seconds through
 the same verifier and the same +1/-1 reward: a tiny Llama (small BPE tokenizer, tests/tiny_models.py)
@@ -70,44 +70,36 @@ def test_grpo_raises_mean_reward(recipe, digits, tmp_path):
 
 
 def test_annealed_temperature_is_the_one_sampling_uses(recipe, digits, tmp_path, monkeypatch):
-    """Record the temperature at the point of sampling (the logits warper `generate` builds from the
-    generation config the trainer passes) on the trainer's real generation path."""
-    from transformers.generation import logits_process
+    """Record the temperature at the point of sampling on the trainer's real rollout path: TRL's generation
+    step goes through thinkforge's sampler (its nucleus draw, once per token), not `model.generate`."""
+    from transformers import GenerationMixin
 
+    from thinkforge.engines import sampler
     from thinkforge.metrics import LOG_KEYS
     from thinkforge.stages.rl import annealed_temperature, rl
 
-    seen_warper: list[float] = []
-    seen_config: list[float] = []
-    real_init = logits_process.TemperatureLogitsWarper.__init__
+    drawn: list[float] = []
+    real = sampler.nucleus_sample
 
-    def init(self, temperature, *a, **kw):
-        seen_warper.append(float(temperature))
-        real_init(self, temperature, *a, **kw)
+    def nucleus_sample(logits, temperature, top_p, generator):
+        drawn.append(float(temperature))
+        return real(logits, temperature, top_p, generator)
 
-    monkeypatch.setattr(logits_process.TemperatureLogitsWarper, "__init__", init)
-    from transformers import GenerationMixin
-
-    orig = GenerationMixin.generate
-
-    def generate(self, *a, generation_config=None, **kw):
-        seen_config.append(float((generation_config or self.generation_config).temperature))
-        return orig(self, *a, generation_config=generation_config, **kw)
-
-    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    monkeypatch.setattr(sampler, "nucleus_sample", nucleus_sample)
+    monkeypatch.setattr(GenerationMixin, "generate", lambda *a, **k: pytest.fail("TRL's generate path was taken"))
     model, prompts, _ = digits
     from thinkforge.metrics import StageMetrics
 
-    # start/end away from 1.0 (transformers adds no warper at exactly 1.0); anneal over all 4 steps;
-    # beta > 0 so that TRL computes (and logs) the KL to the reference model
+    # anneal over all 4 steps; beta > 0 so that TRL computes (and logs) the KL to the reference model
     cfg = load_recipe(recipe, {**RL_BASE, "rl.max_steps": 4, "rl.temperature_start": 0.9, "rl.temperature_end": 0.5,
                                "rl.anneal_fraction": 1.0, "rl.beta": 0.04})
     metrics = StageMetrics.disabled("rl")
     r = rl(cfg, model, prompts, tmp_path / "out", metrics=metrics)
     want = [annealed_temperature(s, 4, cfg.rl) for s in range(4)]
     assert want == pytest.approx([0.9, 0.8, 0.7, 0.6])
-    assert seen_config == pytest.approx(want)
-    assert seen_warper == pytest.approx(want), "the sampler's own temperature changes every step"
+    per_step = [t for i, t in enumerate(drawn) if i == 0 or drawn[i - 1] != t]
+    assert len(drawn) >= 4 * cfg.rl.max_completion_tokens // 2, "every rollout token is drawn by the sampler"
+    assert per_step == pytest.approx(want), "the sampler's own temperature changes every step"
     steps = [h for h in r.history if "reward" in h]
     assert [h["temperature"] for h in steps] == pytest.approx(want)
     assert all("kl" in h for h in steps)

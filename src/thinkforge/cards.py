@@ -13,6 +13,8 @@ from typing import Any
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
+from thinkforge.scoring import metrics_only
+
 STAGES = (("mid-train", "midtrain"), ("SFT", "sft"), ("DPO", "dpo"), ("RL", "rl"))
 STAGE_LABELS = ("base", "midtrain", "sft", "dpo", "final")
 #: the hub names of the models thinkforge builds in, and their licenses
@@ -21,11 +23,6 @@ BUILTIN_BASES = {"builtin:smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-I
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _metrics_only(results: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    return {name: {k: v for k, v in m.items() if k != "per_problem"}
-            for name, m in (results or {}).get("benchmarks", {}).items()}
 
 
 def hub_dataset(source: str) -> tuple[str, str | None, str | None] | None:
@@ -56,7 +53,7 @@ def eval_results(cfg: Any, final: dict[str, Any] | None) -> list[EvalResult]:
     proto = final.get("protocol") or {}
     specs = final.get("benchmark_specs") or {}
     out: list[EvalResult] = []
-    for bench, m in _metrics_only(final).items():
+    for bench, m in metrics_only(final).items():
         spec = specs.get(bench, {})
         hub = hub_dataset(str(spec.get("source") or ""))
         args = {"k": m.get("k"), "temperature": proto.get("temperature", cfg.evaluate.temperature),
@@ -106,18 +103,18 @@ def card_body(cfg: Any, name: str, version: str, results: dict[str, dict[str, An
              f"{cfg.run.seed}, answer extraction {e.extraction}; pass@1 is the mean over k samples per problem "
              "(± standard error over problems).", "",
              "| benchmark | problems | k | pass@1 | cons@k | mean tokens | truncated |", "|---|---|---|---|---|---|---|"]
-    for bench, m in _metrics_only(final).items():
+    for bench, m in metrics_only(final).items():
         cons = m.get(f"cons@{m.get('k')}")
         lines.append(f"| {bench} | {m.get('n_problems')} | {m.get('k')} | {_pct(m.get('pass@1'))} ± "
                      f"{100 * m.get('pass@1_se', 0):.1f} | {_pct(cons)} | "
                      f"{m.get('mean_tokens', 0):.0f} | {_pct(m.get('truncation_rate'))} |")
     stages = [(lbl, results[lbl]) for lbl in STAGE_LABELS if results.get(lbl)]
     if len(stages) > 1:
-        benches = list(_metrics_only(final))
+        benches = list(metrics_only(final))
         lines += ["", "By stage (pass@1):", "", "| model | " + " | ".join(benches) + " |",
                   "|---|" + "---|" * len(benches)]
         for lbl, res in stages:
-            ms = _metrics_only(res)
+            ms = metrics_only(res)
             lines.append(f"| {lbl} | " + " | ".join(_pct(ms.get(b, {}).get("pass@1")) for b in benches) + " |")
     lines += ["", "## Lineage", "",
               f"- config digest: `{lin['config_digest']}`" + (f"; KFP run `{lin['kfp_run']}`" if lin.get("kfp_run") else ""),

@@ -137,6 +137,9 @@ class FilterConfig(Section):
     dpo_pairs_per_prompt: int = Field(
         1, ge=0, description="DPO pairs (accepted vs wrong rollout of one problem) kept per problem (0 = no DPO data).")
     min_kept: int = Field(1, ge=1, description="Fail the run when fewer rollouts are accepted.")
+    extraction: Literal["evaluate", "strict", "fallback"] = Field(
+        "evaluate", description="How the filter reads a rollout's final answer: strict (\\boxed{} / 'the answer is' only: "
+        "the paper keeps verified final answers), fallback (also the last number) or evaluate (as evaluate.extraction).")
     dedup_prompts: bool = Field(True, description="Drop exact and near-duplicate problems (the first copy stays).")
     near_duplicate_jaccard: float = Field(
         0.8, ge=0.0, le=1.0, description="Word-3-shingle Jaccard at which a problem with the same reference "
@@ -258,6 +261,9 @@ class RLConfig(TrainConfig):
     num_generations: int = Field(4, ge=2, description="Rollouts per prompt (the GRPO group).")
     max_completion_tokens: int = Field(256, ge=1, description="At most this many new tokens per RL rollout.")
     beta: float = Field(0.0, ge=0.0, description="KL coefficient (0 = no reference model).")
+    reward_extraction: Literal["evaluate", "strict", "fallback"] = Field(
+        "evaluate", description="How the +1/-1 reward reads a rollout's final answer: strict pays only a stated answer "
+        "(\\boxed{} / 'the answer is'), fallback also a bare last number, evaluate as evaluate.extraction.")
     temperature_start: float = Field(1.0, gt=0.0, le=2.0, description="Rollout temperature at the first step.")
     temperature_end: float = Field(0.6, gt=0.0, le=2.0, description="Rollout temperature once annealed (anneal_temperature).")
     anneal_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share of steps over which temperature anneals.")

@@ -53,7 +53,7 @@ from typing import Any, Iterator
 
 from thinkforge.cards import model_card  # noqa: F401 - registry.model_card stays importable
 from thinkforge.config import Recipe
-from thinkforge.scoring import paired_bootstrap
+from thinkforge.scoring import metrics_only, paired_bootstrap
 from thinkforge.storage import MANIFEST, raise_for_disk, replace_dir, safe_key, split_prefix, upload_files
 
 log = logging.getLogger("thinkforge.registry")
@@ -477,11 +477,6 @@ def gate_view(cfg: Recipe, final: dict[str, Any] | None) -> dict[str, Any]:
             "benchmark_spec": (final or {}).get("benchmark_specs", {}).get(bench, {})}
 
 
-def _metrics_only(results: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    return {name: {k: v for k, v in m.items() if k != "per_problem"}
-            for name, m in (results or {}).get("benchmarks", {}).items()}
-
-
 def lineage(cfg: Recipe, artifacts: dict[str, Any], kfp_run: str = "") -> dict[str, Any]:
     """Where the model came from: input sources, the digests of the artifacts seen here, the config hash."""
     g = cfg.generate
@@ -586,8 +581,8 @@ def publish(cfg: Recipe, model_dir: str | os.PathLike[str], results: dict[str, d
             "format": FORMAT, "name": reg.name, "version": version,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "config_digest": cfg.digest(), "run": {"name": cfg.run.name, "seed": cfg.run.seed, "kfp_run": kfp_run},
-            "model": model_info, "metrics": _metrics_only(final),
-            "stages": {lbl: {b: m.get("pass@1") for b, m in _metrics_only(res).items()}
+            "model": model_info, "metrics": metrics_only(final),
+            "stages": {lbl: {b: m.get("pass@1") for b, m in metrics_only(res).items()}
                        for lbl, res in results.items()},
             "protocol": (final or {}).get("protocol", {}), "benchmarks": (final or {}).get("benchmark_specs", {}),
             "gate": {"benchmark": candidate["benchmark"], "metric": candidate["metric"], "value": candidate["value"]},

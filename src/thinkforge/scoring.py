@@ -162,6 +162,12 @@ def score_samples(samples: Sequence[dict[str, Any]], ks: Sequence[int] = (1,),
     return out
 
 
+def metrics_only(results: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Each benchmark's metrics without its per-problem scores (`per_problem*`), for cards and manifests."""
+    return {name: {k: v for k, v in m.items() if not k.startswith("per_problem")}
+            for name, m in (results or {}).get("benchmarks", {}).items()}
+
+
 def paired_bootstrap(base: dict[str, float], final: dict[str, float], samples: int = 2000,
                      seed: int = 0) -> dict[str, float]:
     """95% interval of mean(final - base) over problems scored by both, resampling problems."""

@@ -38,7 +38,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from thinkforge.answers import extract_answer
+from thinkforge.answers import STRICT_RULES, extract_answer
 from thinkforge.config import Recipe
 from thinkforge.engines import SamplingParams, make_engine
 from thinkforge.evalsets import ANSWER_TYPES, LoadedBenchmark, load_benchmark, parse_integer
@@ -105,8 +105,31 @@ def score_benchmark(samples: list[dict[str, Any]], ks: list[int]) -> dict[str, A
     scores = score_samples(samples, ks=ks)
     rules = Counter((s.get("rule") or "none") for s in samples if s.get("correct"))
     scores["correct_by_rule"] = dict(sorted(rules.items()))
+    scores.update(readings(samples))
     scores["reasons"] = dict(sorted(Counter(s.get("reason") or "unknown" for s in samples).items()))
     return scores
+
+
+#: stricter readings of the same verdicts: a sample counts when its verified answer came through these rules
+READINGS = {"strict": STRICT_RULES, "boxed": ("boxed",)}
+
+
+def readings(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """pass@1 (and per-problem scores, for paired intervals) under the stricter readings of `READINGS`.
+
+    Extraction tries \\boxed{} and "the answer is" before anything else, so a sample is correct under
+    strict extraction exactly when it was correct through one of those rules; "boxed" counts answers
+    stated in a box only (a box followed by "the answer is ..." counts as the latter: a lower bound)."""
+    by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for s in samples:
+        by_problem[str(s["problem_id"])].append(s)
+    out: dict[str, Any] = {"readings": {}, "per_problem_by_reading": {}}
+    for name, rules in READINGS.items():
+        per = {pid: sum(bool(s.get("correct")) and s.get("rule") in rules for s in v) / len(v)
+               for pid, v in by_problem.items()}
+        out["readings"][name] = sum(per.values()) / len(per)
+        out["per_problem_by_reading"][name] = per
+    return out
 
 
 def score_jsonl(path: str | Path, ks: list[int], mode: str = "fallback") -> dict[str, dict[str, Any]]:
@@ -123,6 +146,7 @@ def score_jsonl(path: str | Path, ks: list[int], mode: str = "fallback") -> dict
     for bench, samples in sorted(by_bench.items()):
         m = score_benchmark(samples, ks)
         m.pop("per_problem")
+        m.pop("per_problem_by_reading")
         out[bench] = m
     return out
 

@@ -46,8 +46,21 @@ def compare(cfg: Recipe, base: dict[str, Any] | None, final: dict[str, Any]) -> 
             row["base"] = bm
             row["gain"] = paired_bootstrap(bm["per_problem"], fm["per_problem"],
                                            samples=cfg.evaluate.bootstrap_samples, seed=cfg.run.seed)
+            row["readings"] = _readings(cfg, bm, fm)
         rows.append(row)
     return rows
+
+
+def _readings(cfg: Recipe, base: dict[str, Any], final: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """base/final pass@1 and the paired gain under each stricter reading both results carry (READINGS)."""
+    out = {}
+    for name, fpp in (final.get("per_problem_by_reading") or {}).items():
+        bpp = (base.get("per_problem_by_reading") or {}).get(name)
+        if bpp is None or name == cfg.evaluate.extraction:
+            continue
+        out[name] = {"base": base["readings"][name], "final": final["readings"][name],
+                     "gain": paired_bootstrap(bpp, fpp, samples=cfg.evaluate.bootstrap_samples, seed=cfg.run.seed)}
+    return out
 
 
 def _strict_pass1(scores: dict[str, Any], k: int) -> float | None:
@@ -96,7 +109,13 @@ def markdown(cfg: Recipe, rows: list[dict[str, Any]], stages: dict[str, dict[str
             bits.append("correct answers by rule: " + "; ".join(
                 f"{label} " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())) for label, c in by_rule))
         lines.append(f"- {r['benchmark']}: " + "; ".join(bits))
-        if e.extraction == "fallback":
+        if r.get("readings"):
+            lines.append("  - pass@1 by how answers are read (a stricter reading counts fewer answers): " + "; ".join(
+                f"{name} {_pct(x['base'])} -> {_pct(x['final'])}"
+                + (f" ({100 * x['gain']['delta']:+.1f} [{100 * x['gain']['ci_low']:+.1f}, "
+                   f"{100 * x['gain']['ci_high']:+.1f}])" if x.get("gain") else "")
+                for name, x in r["readings"].items()))
+        elif e.extraction == "fallback":
             strict = [(label, _strict_pass1(x, r["k"])) for label, x in (("base", b), ("final", f)) if x]
             if all(v is not None for _, v in strict):
                 lines.append("  - under strict extraction (no last-number fallback) pass@1 would read " + ", ".join(
@@ -135,6 +154,13 @@ def _summarize(s: dict[str, Any]) -> str:
     if "steps" in s:
         first, last = s.get("first"), s.get("last")
         trend = f"{s['metric']} {first:.3f} -> {last:.3f}" if first is not None and last is not None else ""
+        metric = s["metric"]
+        values = [h[metric] for h in s.get("history") or []
+                  if isinstance(h, dict) and h.get(metric) is not None and "train_runtime" not in h]
+        q = len(values) // 4
+        if q:  # one step is noisy (an RL reward over 16 rollouts): the first and last quarters' means
+            trend += (f" (mean of the first {q} steps {sum(values[:q]) / q:.3f}, "
+                      f"of the last {q} {sum(values[-q:]) / q:.3f})")
         return f"{s['steps']} steps on {s['examples']} examples, {trend}, {s['seconds']:.0f}s"
     return ", ".join(f"{k}={v}" for k, v in s.items() if not isinstance(v, (dict, list)))
 
@@ -159,6 +185,7 @@ def ablation(cfg: Recipe, results: dict[str, dict[str, Any] | None]) -> dict[str
     """pass@1 ± SE by stage and benchmark from the evaluate tasks' results (label -> results; skipped
     or missing ones are left out and listed)."""
     rows, skipped = [], {}
+    per_problem: list[dict[str, dict[str, float]]] = []  # of each row so far, for the step against the last
     for label, title in STAGE_ROWS:
         res = results.get(label)
         if not res or res.get("skipped"):
@@ -166,9 +193,17 @@ def ablation(cfg: Recipe, results: dict[str, dict[str, Any] | None]) -> dict[str
             continue
         if label == "final" and not cfg.rl.enabled:
             title = "final (RL off)"
-        rows.append({"label": label, "title": title, "benchmarks": {
-            b: {"pass@1": m["pass@1"], "pass@1_se": m["pass@1_se"], "k": m.get("k"), "n": m.get("n_problems")}
-            for b, m in res.get("benchmarks", {}).items()}})
+        row = {"label": label, "title": title, "benchmarks": {}}
+        for b, m in res.get("benchmarks", {}).items():
+            cell = {"pass@1": m["pass@1"], "pass@1_se": m["pass@1_se"], "k": m.get("k"), "n": m.get("n_problems"),
+                    "boxed": (m.get("readings") or {}).get("boxed")}
+            prev = next((p for p in reversed(per_problem) if b in p), None)
+            if prev is not None and m.get("per_problem"):  # the step this stage made, paired over problems
+                cell["vs_previous"] = paired_bootstrap(prev[b], m["per_problem"],
+                                                       samples=cfg.evaluate.bootstrap_samples, seed=cfg.run.seed)
+            row["benchmarks"][b] = cell
+        per_problem.append({b: m["per_problem"] for b, m in res.get("benchmarks", {}).items() if m.get("per_problem")})
+        rows.append(row)
     benches: list[str] = []
     for r in rows:
         benches += [b for b in r["benchmarks"] if b not in benches]
@@ -184,14 +219,22 @@ def _paper(cfg: Recipe, bench: str) -> dict[str, float]:
 
 
 def ablation_lines(t: dict[str, Any]) -> list[str]:
-    head = ["model", *(f"{b} pass@1" for b in t["benchmarks"])]
+    boxed = [b for b in t["benchmarks"] if any((r["benchmarks"].get(b) or {}).get("boxed") is not None
+                                               for r in t["rows"])]
+    head = ["model", *(f"{b} pass@1" for b in t["benchmarks"]), *(f"{b} change [95% CI]" for b in t["benchmarks"]),
+            *(f"{b} boxed only" for b in boxed)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in t["rows"]:
         cells = [r["title"]]
         for b in t["benchmarks"]:
             m = r["benchmarks"].get(b)
             cells.append(f"{_pct(m['pass@1'])} ± {_pct(m['pass@1_se'])}" if m else "-")
+        for b in t["benchmarks"]:
+            g = (r["benchmarks"].get(b) or {}).get("vs_previous")
+            cells.append(f"{100 * g['delta']:+.1f} [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]" if g else "-")
+        cells += [_pct((r["benchmarks"].get(b) or {}).get("boxed")) for b in boxed]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "change: pass@1 points against the row above, with a paired bootstrap 95% interval over problems."]
     if t.get("paper"):
         lines += ["", "Published (Phi-4-Mini-Reasoning, pass@1 %; its own protocol, so compare trends, not numbers): "
                   + "; ".join(f"{b}: " + ", ".join(f"{lbl} {v:.1f}" for lbl, v in vals.items())

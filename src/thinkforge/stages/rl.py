@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from thinkforge.config import RLConfig, Recipe
+from thinkforge.engines.sampler import sample
 from thinkforge.records import RL_PROMPT_FIELDS, EmptyDataError
 from thinkforge.stages.train import TrainResult, callbacks, finish, fit, load_student, on_gpu, \
     read_rows, training_args
@@ -228,6 +229,11 @@ def _all_gather(obj: Any, world: int) -> list[Any]:
     return out
 
 
+def reward_mode(cfg: Recipe) -> str:
+    """The extraction the +1/-1 reward (and prompt optimization's pass rate) reads answers with."""
+    return cfg.evaluate.extraction if cfg.rl.reward_extraction == "evaluate" else cfg.rl.reward_extraction
+
+
 def optimize_prompts(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[str, Any]],
                      verifier: Verifier | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Sample candidates with the current model and keep those inside the pass-rate band whose response
@@ -248,7 +254,7 @@ def optimize_prompts(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[st
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     engine = HFEngine(model, cfg.template, tokenizer=tokenizer, batch_size=max(r.prompt_opt_samples, 32))
     own = verifier is None
-    verifier = verifier or Verifier(mode=cfg.evaluate.extraction)
+    verifier = verifier or Verifier(mode=reward_mode(cfg))
     samples: dict[int, list[tuple[bool, int]]] = {i: [] for i in mine}
     alive = list(mine)
     rounds: list[dict[str, int]] = []
@@ -428,6 +434,38 @@ def _define_trainer_class() -> type:
                     "cannot follow the sampling temperature in this TRL")
                 log.warning("rl: %s", self.importance_sampling_off_reason)
 
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                                  has_tool_images=False):
+            """Rollouts through thinkforge's sampler (thinkforge.engines.sampler: the same nucleus distribution,
+            finished rows leave the batch; bench_sampling.py) where TRL would call `generate`; vLLM, continuous
+            batching, images and sampling options the sampler does not implement keep TRL's own path."""
+            import torch
+            from trl.models import unwrap_model_for_generation
+            from trl.trainer.utils import pad
+
+            gc = self.generation_config
+            plain = (getattr(gc, "top_k", None) in (None, 0) and getattr(gc, "min_p", None) is None
+                     and getattr(gc, "repetition_penalty", None) in (None, 1.0) and gc.do_sample)
+            if (self.use_vllm or getattr(self, "use_transformers_continuous_batching", False) or images
+                    or multimodal_fields or not plain):
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                     has_tool_images)
+            rows = [torch.tensor(ids) for ids in prompt_ids]
+            ids = pad(rows, padding_value=self._tokenizer.pad_token_id, padding_side="left")
+            mask = pad([torch.ones_like(t) for t in rows], padding_value=0, padding_side="left")
+            device = self.accelerator.device
+            with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                              gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                              generation_kwargs=self.generation_kwargs,
+                                              gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
+                  as unwrapped, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False),
+                  self.accelerator.autocast()):  # bf16 sampling where training runs in bf16 (as vLLM samples)
+                completions = sample(unwrapped, ids.to(device), mask.to(device), n=1, temperature=gc.temperature,
+                                     top_p=gc.top_p if gc.top_p is not None else 1.0,
+                                     max_new_tokens=self.max_completion_length, eos_ids=set(self.eos_token_ids),
+                                     generator=None)  # the global RNG, as TRL's generate: checkpoints restore it
+            return completions, None
+
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             out = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
             self._last_rewards_per_func = out  # gathered over all processes
@@ -544,7 +582,7 @@ def rl(cfg: Recipe, model_path: str | Path, prompts_path: str | Path, out_dir: s
         importance_sampling_level=r.importance_sampling_level,
         log_completions=False, **vllm,
     )
-    reward = VerifierReward(cfg.evaluate.extraction)
+    reward = VerifierReward(reward_mode(cfg))
     anneal = _temperature_callback(r)
     trainer = _trainer_class()(model=model, reward_funcs=[reward], args=args, train_dataset=data,
                                processing_class=tok, callbacks=[anneal, *callbacks(metrics, model)],
