@@ -14,6 +14,9 @@ second of wall time, and every ratio is against transformers' ``generate`` measu
   engine, as the production engine would serve it (server start-up reported apart).
 
     python benchmarks/bench_sampling.py [--prompts 24 --n 4 --max-new-tokens 128] [--methods a,b] [--json out.json]
+
+`make bench` runs the default methods (generate, generate-int8, sampler); name vllm and
+generate-static-compile in --methods to add them.
 """
 
 from __future__ import annotations
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=4, help="samples per prompt (prompts x n sequences in one batch)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default="generate,generate-int8,sampler",
+                    help=f"comma-separated, of {', '.join(METHODS)} (vllm needs .venv-vllm; the compile takes minutes)")
     ap.add_argument("--json", help="also write the numbers here")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
