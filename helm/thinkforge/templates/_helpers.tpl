@@ -91,7 +91,7 @@ needs at least (checkpoints with optimizer state, ~12 bytes a parameter, keep_ch
 training stage, plus rollouts and registry models).
 */}}
 {{- define "thinkforge.recipes.known" -}}
-recipes/cpu-demo.yaml: {gpu: false, multiNode: false, student: "builtin:smollm2-135m-instruct", maxNewTokens: 128, storage: 10Gi}
+recipes/cpu-demo.yaml: {gpu: false, multiNode: false, student: "builtin:smollm2-135m-instruct", maxNewTokens: 96, storage: 10Gi}
 recipes/smoke.yaml: {gpu: false, multiNode: false, student: "random:llama-tiny", maxNewTokens: 16, storage: 1Gi}
 recipes/phi4-mini-reasoning.yaml: {gpu: true, multiNode: false, student: microsoft/Phi-4-mini-instruct, maxNewTokens: 32768, storage: 500Gi}
 {{- end -}}
