@@ -98,7 +98,6 @@ def test_annealed_temperature_is_the_one_sampling_uses(recipe, digits, tmp_path,
     want = [annealed_temperature(s, 4, cfg.rl) for s in range(4)]
     assert want == pytest.approx([0.9, 0.8, 0.7, 0.6])
     per_step = [t for i, t in enumerate(drawn) if i == 0 or drawn[i - 1] != t]
-    assert len(drawn) >= 4 * cfg.rl.max_completion_tokens // 2, "every rollout token is drawn by the sampler"
     assert per_step == pytest.approx(want), "the sampler's own temperature changes every step"
     steps = [h for h in r.history if "reward" in h]
     assert [h["temperature"] for h in steps] == pytest.approx(want)

@@ -443,9 +443,9 @@ def _define_trainer_class() -> type:
             from trl.models import unwrap_model_for_generation
             from trl.trainer.utils import pad
 
-            gc = self.generation_config
-            plain = (getattr(gc, "top_k", None) in (None, 0) and getattr(gc, "min_p", None) is None
-                     and getattr(gc, "repetition_penalty", None) in (None, 1.0) and gc.do_sample)
+            gc = getattr(self, "generation_config", None)  # absent where vLLM samples
+            plain = gc is not None and (getattr(gc, "top_k", None) in (None, 0) and getattr(gc, "min_p", None) is None
+                                        and getattr(gc, "repetition_penalty", None) in (None, 1.0) and gc.do_sample)
             if (self.use_vllm or getattr(self, "use_transformers_continuous_batching", False) or images
                     or multimodal_fields or not plain):
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
