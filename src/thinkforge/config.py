@@ -654,6 +654,11 @@ class Recipe(Section):
                 "bf16 keeps fp32 master weights)")
         return self
 
+    def extraction(self, setting: str) -> str:
+        """The answer extraction a stage reads with: its own setting (filter.extraction,
+        rl.reward_extraction), or evaluate.extraction where that setting is "evaluate"."""
+        return self.evaluate.extraction if setting == "evaluate" else setting
+
     def digest(self) -> str:
         """A stable hash of the whole config, for lineage and caching."""
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]

@@ -24,27 +24,26 @@ COMPACT_FRACTION = 0.125  # shrink the batch once this share of its rows has end
 
 
 def nucleus_sample(logits: Any, temperature: float, top_p: float, generator: Any) -> Any:
-    """One token per row of `logits` (rows x vocab): greedy at temperature 0, else top-p sampling.
-
-    Keeps token i (tokens by falling probability) when the mass before it is below top_p, as
-    transformers' TopPLogitsWarper does, so at least one token is always kept."""
+    """One token per row of `logits` (rows x vocab): greedy at temperature 0, else top-p sampling."""
     import torch
 
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    k = min(CANDIDATES, probs.shape[-1])
-    values, indices = probs.topk(k, dim=-1)
-    if top_p < 1.0:
-        before = values.cumsum(dim=-1) - values
-        fits = (before[:, -1] + values[:, -1]) >= top_p
-        if not bool(fits.all()):  # rare: a flat distribution whose nucleus needs more than k tokens
-            return _sample_sorted(probs, top_p, generator, values, indices, fits)
-        values = values.masked_fill(before >= top_p, 0.0)
-    else:
+    if top_p >= 1.0:  # no nucleus: every token stays
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    pick = torch.multinomial(values, 1, generator=generator)
+    values, indices = probs.topk(min(CANDIDATES, probs.shape[-1]), dim=-1)
+    fits = values.sum(dim=-1) >= top_p
+    if not bool(fits.all()):  # rare: a flat distribution whose nucleus needs more than the candidates
+        return _sample_sorted(probs, top_p, generator, values, indices, fits)
+    pick = torch.multinomial(_nucleus(values, top_p), 1, generator=generator)
     return indices.gather(-1, pick).squeeze(-1)
+
+
+def _nucleus(values: Any, top_p: float) -> Any:
+    """Probabilities sorted falling, with the tokens outside the nucleus zeroed: token i stays when the mass
+    before it is below top_p, as transformers' TopPLogitsWarper keeps it (so at least one token stays)."""
+    return values.masked_fill(values.cumsum(dim=-1) - values >= top_p, 0.0)
 
 
 def _sample_sorted(probs: Any, top_p: float, generator: Any, values: Any, indices: Any, fits: Any) -> Any:
@@ -52,13 +51,8 @@ def _sample_sorted(probs: Any, top_p: float, generator: Any, values: Any, indice
 
     out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     for row in range(probs.shape[0]):  # row by row: the rows that need a full sort are few
-        if bool(fits[row]):
-            v, i = values[row], indices[row]
-        else:
-            v, i = probs[row].sort(descending=True)
-        before = v.cumsum(dim=-1) - v
-        v = v.masked_fill(before >= top_p, 0.0)
-        out[row] = i[torch.multinomial(v, 1, generator=generator)]
+        v, i = (values[row], indices[row]) if bool(fits[row]) else probs[row].sort(descending=True)
+        out[row] = i[torch.multinomial(_nucleus(v, top_p), 1, generator=generator)]
     return out
 
 
@@ -91,8 +85,9 @@ def sample(model: Any, input_ids: Any, attention_mask: Any, *, n: int, temperatu
         position = positions[:, -1]
         for step in range(max_new_tokens):
             token = nucleus_sample(logits, temperature, top_p, generator).to(device)
+            done = ended.tolist()
             for row, t in zip(live.tolist(), token.tolist()):
-                if not ended[row]:
+                if not done[row]:
                     result[row].append(t)
             ended[live] |= torch.isin(token, eos)
             if step + 1 == max_new_tokens or bool(ended.all()):

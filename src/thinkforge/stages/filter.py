@@ -397,7 +397,7 @@ def filter_rollouts(cfg: Recipe, rollouts_path: str | Path, out_dir: str | Path,
              for i in to_verify]
     verdicts = []
     # In chunks, so the progress bar moves; each chunk still spreads over the whole worker pool.
-    mode = cfg.evaluate.extraction if cfg.filter.extraction == "evaluate" else cfg.filter.extraction
+    mode = cfg.extraction(cfg.filter.extraction)
     with Verifier(mode=mode) as verifier, progress(len(items), "filter", "rollout") as bar:
         for start in range(0, len(items), VERIFY_CHUNK):
             chunk = items[start:start + VERIFY_CHUNK]

@@ -229,11 +229,6 @@ def _all_gather(obj: Any, world: int) -> list[Any]:
     return out
 
 
-def reward_mode(cfg: Recipe) -> str:
-    """The extraction the +1/-1 reward (and prompt optimization's pass rate) reads answers with."""
-    return cfg.evaluate.extraction if cfg.rl.reward_extraction == "evaluate" else cfg.rl.reward_extraction
-
-
 def optimize_prompts(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[str, Any]],
                      verifier: Verifier | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Sample candidates with the current model and keep those inside the pass-rate band whose response
@@ -254,7 +249,7 @@ def optimize_prompts(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[st
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     engine = HFEngine(model, cfg.template, tokenizer=tokenizer, batch_size=max(r.prompt_opt_samples, 32))
     own = verifier is None
-    verifier = verifier or Verifier(mode=reward_mode(cfg))
+    verifier = verifier or Verifier(mode=cfg.extraction(cfg.rl.reward_extraction))
     samples: dict[int, list[tuple[bool, int]]] = {i: [] for i in mine}
     alive = list(mine)
     rounds: list[dict[str, int]] = []
@@ -582,7 +577,7 @@ def rl(cfg: Recipe, model_path: str | Path, prompts_path: str | Path, out_dir: s
         importance_sampling_level=r.importance_sampling_level,
         log_completions=False, **vllm,
     )
-    reward = VerifierReward(reward_mode(cfg))
+    reward = VerifierReward(cfg.extraction(cfg.rl.reward_extraction))
     anneal = _temperature_callback(r)
     trainer = _trainer_class()(model=model, reward_funcs=[reward], args=args, train_dataset=data,
                                processing_class=tok, callbacks=[anneal, *callbacks(metrics, model)],
