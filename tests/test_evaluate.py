@@ -412,3 +412,8 @@ def test_stage_rows_show_the_first_and_last_quarter_of_a_noisy_curve():
     md = markdown(cfg, [], {"rl": rl_summary})
     assert "| rl | 8 steps on 16 examples, reward -1.000 -> 1.000 (mean of the first 2 steps -0.500, " \
            "of the last 2 0.750), 9s |" in md
+    check = {"prompts": 24, "samples": 4, "temperature": 0.6, "before": 0.5, "after": 0.625, "delta": 0.125,
+             "ci_low": 0.02, "ci_high": 0.23, "n_problems": 24}
+    md = markdown(cfg, [], {"rl": {**rl_summary, "extra": {"reward_check": check}}})
+    assert "of the last 2 0.750); its 24 prompts at T=0.6 pass 50.0 before, 62.5 after (+12.5 points, " \
+           "95% [+2.0, +23.0]), 9s |" in md

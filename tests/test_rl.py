@@ -59,12 +59,16 @@ def test_grpo_raises_mean_reward(recipe, digits, tmp_path):
     from thinkforge.stages.rl import rl
 
     model, prompts, _ = digits
-    cfg = load_recipe(recipe, {**RL_BASE, "rl.max_steps": 14})
+    cfg = load_recipe(recipe, {**RL_BASE, "rl.max_steps": 14, "rl.reward_check_samples": 8})
     r = rl(cfg, model, prompts, tmp_path / "out")
     got = rewards(r)
     assert r.steps == 14 and r.metric == "reward" and len(got) == 14
     assert sum(got[-3:]) / 3 > sum(got[:3]) / 3 + 0.5, f"mean reward per step: {got}"
     assert r.last > r.first
+    # the same 32 prompts at temperature_end, before and after: the policy itself answers 7 more often
+    check = r.extra["reward_check"]
+    assert check["prompts"] == check["n_problems"] == 32 and check["samples"] == 8
+    assert check["after"] > check["before"] + 0.3 and check["ci_low"] > 0, check
     for h in (h for h in r.history if "reward" in h):  # the per-step logs Prometheus gets (metrics.LOG_KEYS)
         assert {"reward_std", "frac_reward_zero_std", "completions/mean_length", "temperature"} <= set(h)
 
@@ -116,6 +120,49 @@ def test_temperature_holds_when_annealing_is_off(recipe, digits, tmp_path):
                                "rl.temperature_start": 0.8})
     r = rl(cfg, model, prompts, tmp_path / "out")
     assert [h["temperature"] for h in r.history if "reward" in h] == pytest.approx([0.8, 0.8])
+
+
+def test_sampling_copy_follows_the_policy_in_bf16(digits):
+    """The bf16 copy CPU rollouts sample through holds the policy's weights (cast) after each refresh, and
+    is its own model: changing the policy changes nothing on the copy until the next refresh."""
+    from transformers import AutoModelForCausalLM
+
+    from thinkforge.stages.rl import SamplingCopy
+
+    model_dir, _, _ = digits
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert SamplingCopy.applies(policy, bf16=True) and not SamplingCopy.applies(policy, bf16=False)
+    copy = SamplingCopy(policy)
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        first = copy.refreshed()(ids).logits
+        assert copy.model.dtype == torch.bfloat16
+        for name, p in copy.model.named_parameters():
+            assert torch.equal(p, dict(policy.named_parameters())[name].to(torch.bfloat16)), name
+        for p in policy.parameters():
+            p.add_(0.5)
+        assert torch.equal(copy.model(ids).logits, first), "the copy must not run the policy's weights"
+        after = copy.refreshed()(ids).logits
+    assert not torch.equal(after, first)
+
+
+def test_bf16_rollouts_on_a_cpu_sample_through_the_bf16_copy(recipe, digits, tmp_path, monkeypatch):
+    """Under bf16 autocast every decoding step re-casts every float32 weight; CPU rollouts use a bf16 copy
+    refreshed before each step's sampling (fails without it: the sampler would get the float32 policy)."""
+    import thinkforge.stages.rl as rl_mod
+
+    seen: list[torch.dtype] = []
+    real = rl_mod.sample
+
+    def sample(model, *args, **kwargs):
+        seen.append(next(model.parameters()).dtype)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(rl_mod, "sample", sample)
+    model, prompts, _ = digits
+    cfg = load_recipe(recipe, {**RL_BASE, "rl.max_steps": 3, "rl.bf16": True})
+    r = rl_mod.rl(cfg, model, prompts, tmp_path / "out")
+    assert r.steps == 3 and seen == [torch.bfloat16] * 3
 
 
 # ----------------------------------------------------------------------------------- reward rebalancing
@@ -250,6 +297,27 @@ def test_prompt_optimization_with_the_current_model_then_rl(recipe, digits, tmp_
     assert po["candidates"] == 16 and 0 < po["kept"] <= 8 and r.examples == po["kept"]
     assert po["dropped"]["pass_rate_low"] >= 8
     assert r.steps == 2
+
+
+def test_reward_check_draws_the_same_random_numbers_before_and_after(recipe, digits):
+    """pass_rates seeds by run.seed alone: the same model reads the same pass rates twice, so a change
+    between before and after is the policy's, not the sampler's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from thinkforge.records import read_jsonl
+    from thinkforge.stages.rl import pass_rates, reward_check_rows
+    from thinkforge.verify import Verifier
+
+    model_dir, prompts, _ = digits
+    cfg = load_recipe(recipe, {**RL_BASE, "rl.reward_check_samples": 4, "rl.reward_check_prompts": 12})
+    rows = reward_check_rows(read_jsonl(prompts) * 2, cfg.rl)  # repeated rows count once
+    assert len(rows) == 12 and len({r["id"] for r in rows}) == 12
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    with Verifier(mode="fallback") as v:  # the model answers a bare digit
+        a = pass_rates(cfg, model, tok, rows, v)
+        b = pass_rates(cfg, model, tok, rows, v)
+    assert a == b and set(a) == {r["id"] for r in rows} and 0 < sum(a.values()) < 12
 
 
 def test_vllm_rollouts_need_a_gpu(recipe, digits, tmp_path):

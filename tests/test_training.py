@@ -207,6 +207,30 @@ def test_dpo_reference_is_the_incoming_model_precomputed_or_not(recipe, tiny, da
     assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
 
 
+def test_dpo_precomputes_reference_log_probs_for_the_pairs_it_reaches_only(recipe, tiny, data, tmp_path, monkeypatch):
+    """2 steps x 4 pairs reach 8 of the 16 pairs: TRL's precompute (one forward per pair) runs over those 8,
+    a seeded subset, the same for the same seed (fails without the subset: all 16 are scored)."""
+    import trl.trainer.dpo_trainer as trl_dpo
+
+    import thinkforge.stages.dpo as dpo_mod
+
+    scored: list[int] = []
+    real = trl_dpo.DPOTrainer._precompute_ref_logps
+
+    def precompute(self, dataset, *a, **kw):
+        scored.append(len(dataset))
+        return real(self, dataset, *a, **kw)
+
+    monkeypatch.setattr(trl_dpo.DPOTrainer, "_precompute_ref_logps", precompute)
+    cfg = load_recipe(recipe, {"dpo.max_steps": 2, "dpo.batch_size": 4})
+    r = dpo_mod.dpo(cfg, tiny, data / "dpo.jsonl", tmp_path / "dpo")
+    assert scored == [8] and r.examples == 8 and r.extra["pairs_available"] == 16
+    rows = [{"id": i} for i in range(16)]
+    assert dpo_mod.pairs_reached(rows, cfg.dpo, 1, 0) == dpo_mod.pairs_reached(rows, cfg.dpo, 1, 0)
+    assert dpo_mod.pairs_reached(rows, cfg.dpo, 2, 0) == rows  # 2 processes reach all 16
+    assert dpo_mod.pairs_reached(rows, load_recipe(recipe, {"dpo.max_steps": -1}).dpo, 1, 0) == rows
+
+
 def test_dpo_loss_type_from_config(recipe, tiny, data, tmp_path, monkeypatch):
     import thinkforge.stages.dpo as dpo_mod
 

@@ -325,6 +325,12 @@ class RLConfig(TrainConfig):
         0, ge=0, description="Sample at most this many candidates, a random subset seeded by run.seed (the same on "
         "every rank; 0 = all).",
     )
+    reward_check_samples: int = Field(
+        0, ge=0, description="Before and after RL, sample each RL prompt this many times at temperature_end and "
+        "report the paired change of its pass rate (0 = off): the reward curve alone mixes what the policy "
+        "learned with the annealed temperature. One process only (skipped, and said, under several).",
+    )
+    reward_check_prompts: int = Field(32, ge=1, description="At most this many RL prompts in the reward check.")
     reward_rebalancing: bool = Field(
         False, description="Oversample hard prompts, keep all positives and as many negatives, drop easy and "
         "zero-spread groups (masked from the loss).",

@@ -161,6 +161,13 @@ def _summarize(s: dict[str, Any]) -> str:
         if q:  # one step is noisy (an RL reward over 16 rollouts): the first and last quarters' means
             trend += (f" (mean of the first {q} steps {sum(values[:q]) / q:.3f}, "
                       f"of the last {q} {sum(values[-q:]) / q:.3f})")
+        check = (s.get("extra") or {}).get("reward_check") or {}
+        if "skipped" in check:
+            trend += f"; reward check skipped: {check['skipped']}"
+        elif check:  # the same prompts at one temperature: what the policy learned, without the annealing
+            trend += (f"; its {check['prompts']} prompts at T={check['temperature']:g} pass {_pct(check['before'])} "
+                      f"before, {_pct(check['after'])} after ({100 * check['delta']:+.1f} points, 95% "
+                      f"[{100 * check['ci_low']:+.1f}, {100 * check['ci_high']:+.1f}])")
         return f"{s['steps']} steps on {s['examples']} examples, {trend}, {s['seconds']:.0f}s"
     return ", ".join(f"{k}={v}" for k, v in s.items() if not isinstance(v, (dict, list)))
 
