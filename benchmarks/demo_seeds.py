@@ -4,7 +4,7 @@ Runs the whole DAG (`thinkforge run`) once per seed (run.seed moves the data ord
 initialisation of every stage; the problems stay the same), then reads each run's evaluation results
 and RL log from its pipeline root and prints one row per seed: base and final pass@1 under each
 reading (fallback, strict, boxed only) with the paired bootstrap interval of the gain, and the RL
-reward's mean over the first and last quarter of its steps.
+reward's mean over the first and last quarter of its steps and its reward check.
 
     python benchmarks/demo_seeds.py [--recipe recipes/cpu-demo.yaml] [--seeds 0,1,2] [--set k=v ...]
                                     [--reuse] [--json out.json]
@@ -71,6 +71,9 @@ def row(cfg, run: dict, seed: int) -> dict:
     if q:
         out["rl_reward"] = {"steps": len(rewards), "first_quarter": sum(rewards[:q]) / q,
                             "last_quarter": sum(rewards[-q:]) / q}
+    check = ((run["rl"] or {}).get("extra") or {}).get("reward_check")
+    if check and "skipped" not in check:
+        out["rl_reward_check"] = check
     return out
 
 
@@ -110,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                               f"{100 * x['gain']['ci_high']:+.1f}])" for name, x in readings.items())
             rl = r.get("rl_reward")
             rl_txt = f"; RL reward {rl['first_quarter']:+.2f} -> {rl['last_quarter']:+.2f}" if rl else ""
+            c = r.get("rl_reward_check")
+            if c:  # the same prompts at one temperature, before and after RL
+                rl_txt += (f" (its {c['prompts']} prompts at T={c['temperature']:g}: {100 * c['before']:.1f} -> "
+                           f"{100 * c['after']:.1f}, {100 * c['delta']:+.1f} [{100 * c['ci_low']:+.1f}, "
+                           f"{100 * c['ci_high']:+.1f}])")
             print(f"seed {seed} {bench}: {cells}{rl_txt}" + (f"; {r['minutes']} min" if took else ""), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
