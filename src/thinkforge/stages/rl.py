@@ -187,7 +187,6 @@ class SamplingCopy:
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.source = model
         self.model = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16).eval()
         self.model.generation_config = model.generation_config
         self.pairs: list[tuple[Any, Any]] = []
