@@ -207,7 +207,7 @@ class SamplingCopy:
         """On a CPU, when training runs bf16 autocast over float32 weights."""
         import torch
 
-        return bf16 and not torch.cuda.is_available() and next(model.parameters()).dtype == torch.float32
+        return bf16 and not on_gpu() and next(model.parameters()).dtype == torch.float32
 
     def refreshed(self) -> Any:
         import torch
@@ -216,6 +216,14 @@ class SamplingCopy:
             for mine, theirs in self.pairs:
                 mine.copy_(theirs)
         return self.model
+
+
+def sampling_model(model: Any, bf16: bool, copy: SamplingCopy | None = None) -> Any:
+    """What samples for ``model``: its bf16 copy, refreshed (the stage's one copy, or a new one where
+    SamplingCopy applies), else the model itself."""
+    if copy is None and SamplingCopy.applies(model, bf16):
+        copy = SamplingCopy(model)
+    return copy.refreshed() if copy is not None else model
 
 
 # ---------------------------------------------------------------------------------- prompt selection
@@ -282,7 +290,8 @@ def _all_gather(obj: Any, world: int) -> list[Any]:
 
 
 def optimize_prompts(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[str, Any]],
-                     verifier: Verifier | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                     verifier: Verifier | None = None,
+                     copy: SamplingCopy | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Sample candidates with the current model and keep those inside the pass-rate band whose response
     lengths are uniform. Returns (kept rows with measured pass_rate/mean_length/length_cv, stats).
 
@@ -299,8 +308,8 @@ def optimize_prompts(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[st
     mine = list(range(rank, len(candidates), world))  # indices into candidates
     if on_gpu():  # sample on this process's GPU, where the Trainer would put the policy anyway
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    sampler = SamplingCopy(model).refreshed() if SamplingCopy.applies(model, r.bf16) else model
-    engine = HFEngine(sampler, cfg.template, tokenizer=tokenizer, batch_size=max(r.prompt_opt_samples, 32))
+    engine = HFEngine(sampling_model(model, r.bf16, copy), cfg.template, tokenizer=tokenizer,
+                      batch_size=max(r.prompt_opt_samples, 32))
     own = verifier is None
     verifier = verifier or Verifier(mode=cfg.extraction(cfg.rl.reward_extraction))
     samples: dict[int, list[tuple[bool, int]]] = {i: [] for i in mine}
@@ -367,7 +376,8 @@ def optimize_prompts(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[st
     return kept, stats
 
 
-def pass_rates(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[str, Any]], verifier: Verifier) -> dict[str, float]:
+def pass_rates(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[str, Any]], verifier: Verifier,
+               copy: SamplingCopy | None = None) -> dict[str, float]:
     """Each prompt's pass rate (by id) over ``reward_check_samples`` rollouts at ``temperature_end``, seeded
     by ``run.seed`` alone: before and after training the same prompts draw the same random numbers, so
     their difference is the policy's."""
@@ -375,10 +385,9 @@ def pass_rates(cfg: Recipe, model: Any, tokenizer: Any, rows: list[dict[str, Any
     from thinkforge.engines.hf import HFEngine
 
     r = cfg.rl
-    sampler = SamplingCopy(model).refreshed() if SamplingCopy.applies(model, r.bf16) else model
     was_training = model.training
     try:
-        engine = HFEngine(sampler, cfg.template, tokenizer=tokenizer, batch_size=max(r.reward_check_samples, 32))
+        engine = HFEngine(sampling_model(model, r.bf16, copy), cfg.template, tokenizer=tokenizer, batch_size=max(r.reward_check_samples, 32))
         params = SamplingParams(n=r.reward_check_samples, temperature=r.temperature_end, top_p=r.top_p,
                                 max_new_tokens=r.max_completion_tokens, seed=cfg.run.seed)
         outs = engine.generate([x["problem"] for x in rows], params)
@@ -478,7 +487,8 @@ def _define_trainer_class() -> type:
     class StabilizedGRPOTrainer(GRPOTrainer):
         """GRPOTrainer with the paper's reward rebalancing and per-step logs of what sampling used."""
 
-        def __init__(self, *args: Any, rl_config: RLConfig, rebalance: bool, **kwargs: Any):
+        def __init__(self, *args: Any, rl_config: RLConfig, rebalance: bool,
+                     sampling_copy: SamplingCopy | None = None, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.rl_config = rl_config
             self.rebalance = rebalance
@@ -486,7 +496,7 @@ def _define_trainer_class() -> type:
             self.rebalance_log: list[dict[str, float]] = []
             self.logprob_temperature_follows = False
             self.importance_sampling_off_reason = ""
-            self.sampling_copy: SamplingCopy | None = None
+            self.sampling_copy = sampling_copy  # bf16 rollouts on a CPU (SamplingCopy); None: the policy samples
             self.follow_temperature(float(self.temperature))
 
         def follow_temperature(self, temp: float) -> None:
@@ -538,8 +548,6 @@ def _define_trainer_class() -> type:
                                               generation_kwargs=self.generation_kwargs,
                                               gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
                   as unwrapped, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False)):
-                if self.sampling_copy is None and SamplingCopy.applies(unwrapped, self.args.bf16):
-                    self.sampling_copy = SamplingCopy(unwrapped)
                 # bf16 sampling where training runs in bf16 (as vLLM samples): a bf16 copy on a CPU, else autocast
                 policy = self.sampling_copy.refreshed() if self.sampling_copy is not None else unwrapped
                 with contextlib.nullcontext() if self.sampling_copy is not None else self.accelerator.autocast():
@@ -629,10 +637,11 @@ def rl(cfg: Recipe, model_path: str | Path, prompts_path: str | Path, out_dir: s
         raise RuntimeError("rl.use_vllm needs a CUDA GPU (vLLM rollouts in TRL's colocate mode); "
                            "set rl.use_vllm=false to sample with transformers on this machine")
     model, tok = load_student(cfg, model_path)
+    copy = SamplingCopy(model) if SamplingCopy.applies(model, r.bf16) else None  # one per stage: 2 bytes a weight
     rows = select_prompts(read_rows(prompts_path, RL_PROMPT_FIELDS, "rl"), r)
     extra: dict[str, Any] = {}
     if r.prompt_optimization:
-        rows, extra["prompt_optimization"] = optimize_prompts(cfg, model, tok, rows)
+        rows, extra["prompt_optimization"] = optimize_prompts(cfg, model, tok, rows, copy=copy)
         log.info("rl: prompt optimization kept %d of %d prompts", len(rows), extra["prompt_optimization"]["candidates"])
     if r.reward_rebalancing:
         n = len(rows)
@@ -666,31 +675,25 @@ def rl(cfg: Recipe, model_path: str | Path, prompts_path: str | Path, out_dir: s
         importance_sampling_level=r.importance_sampling_level,
         log_completions=False, **vllm,
     )
-    check_rows: list[dict[str, Any]] = []
-    before: dict[str, float] = {}
-    checker = Verifier(mode=cfg.extraction(r.reward_extraction)) if r.reward_check_samples else None
-    if checker is not None and distributed_rank_world()[1] > 1:
+    checker = None
+    if r.reward_check_samples and distributed_rank_world()[1] > 1:
         extra["reward_check"] = {"skipped": "needs one process (the policy's weights are sharded or replicated)"}
-        checker.close()
-        checker = None
-    if checker is not None:
-        check_rows = reward_check_rows(rows, r)
-        try:
-            before = pass_rates(cfg, model, tok, check_rows, checker)
-        except BaseException:
-            checker.close()
-            raise
+    elif r.reward_check_samples:
+        checker = Verifier(mode=cfg.extraction(r.reward_extraction))
     reward = VerifierReward(cfg.extraction(cfg.rl.reward_extraction))
     anneal = _temperature_callback(r)
-    trainer = _trainer_class()(model=model, reward_funcs=[reward], args=args, train_dataset=data,
-                               processing_class=tok, callbacks=[anneal, *callbacks(metrics, model)],
-                               rl_config=r, rebalance=r.reward_rebalancing)
-    anneal.trainer = trainer
     try:
+        if checker is not None:
+            check_rows = reward_check_rows(rows, r)
+            before = pass_rates(cfg, model, tok, check_rows, checker, copy)
+        trainer = _trainer_class()(model=model, reward_funcs=[reward], args=args, train_dataset=data,
+                                   processing_class=tok, callbacks=[anneal, *callbacks(metrics, model)],
+                                   rl_config=r, rebalance=r.reward_rebalancing, sampling_copy=copy)
+        anneal.trainer = trainer
         info = fit(trainer, cfg, "rl", t=r, model_path=model_path, data_path=prompts_path,
                    work_dir=Path(out_dir) / "trainer", metrics=metrics)
         if checker is not None:
-            after = pass_rates(cfg, trainer.model, tok, check_rows, checker)
+            after = pass_rates(cfg, trainer.model, tok, check_rows, checker, copy)
             extra["reward_check"] = {
                 "prompts": len(check_rows), "samples": r.reward_check_samples, "temperature": r.temperature_end,
                 "before": statistics.fmean(before.values()), "after": statistics.fmean(after.values()),
